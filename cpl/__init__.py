@@ -1,0 +1,1 @@
+"""CPL: Critical Planning Step Learning as a pure library (no HTTP, no Redis)."""

@@ -1,0 +1,182 @@
+import asyncio
+import math
+from collections import Counter
+
+import pytest
+
+from cpl.config import PriorMode, SearchConfig
+from cpl.formats import StepKind
+from cpl.mcts import MCTS, SearchCancelled, backup, priors, puct_score
+from cpl.protocols import Candidate
+from cpl.tree import Node, Tree
+from tests.scripted import GOLD, GOOD_FIRST_PLAN, DeadEndPolicy, ScriptedPolicy, ScriptedValue
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def search(simulations: int = 120, **config) -> tuple[Tree, ScriptedPolicy]:
+    policy = ScriptedPolicy()
+    mcts = MCTS(policy, ScriptedValue(), SearchConfig(simulations=simulations, **config))
+    tree = run(mcts.search(mcts.new_tree("t1", "What is the answer?", GOLD)))
+    return tree, policy
+
+
+def assert_invariants(tree: Tree) -> None:
+    assert tree.simulations_done == tree.root.N
+    for node in tree.nodes:
+        children = tree.children(node)
+        visited = [c for c in children if c.N > 0]
+        if node.terminal:
+            assert not children
+        if node.kind is StepKind.SOLUTION and tree.gold is not None:
+            assert node.reward in (1.0, -1.0)
+            assert node.reward == node.V
+        if node.expanded and node.parent is not None and not node.dead_end:
+            assert 1 + sum(c.N for c in children) == node.N  # the visit that expanded it, then its children's
+        if visited:
+            expected = sum(c.N * c.Q for c in visited) / sum(c.N for c in visited)
+            assert math.isclose(node.V, expected, abs_tol=1e-12)  # eq. 3
+        for child in children:
+            assert child.Q == child.V  # eq. 2 with r folded into terminal values
+        assert node.depth <= tree.config.max_depth
+        if node.depth == tree.config.max_depth:
+            assert node.kind is StepKind.SOLUTION
+        if children:
+            assert math.isclose(sum(c.prior for c in children), 1.0)
+
+
+def test_finds_the_best_first_plan():
+    tree, _ = search(simulations=150)
+    root_children = tree.children(tree.root)
+    best = max(root_children, key=lambda c: c.N)
+    assert best.text == GOOD_FIRST_PLAN
+    assert best.V > 0
+    assert all(c.V <= 0 for c in root_children if c.text != GOOD_FIRST_PLAN)
+    assert_invariants(tree)
+
+
+def test_invariants_hold_at_every_simulation_count():
+    for sims in (1, 2, 3, 7, 40):
+        tree, _ = search(simulations=sims)
+        assert tree.simulations_done == sims
+        assert_invariants(tree)
+
+
+def test_expansion_widths_merging_and_dropping():
+    tree, policy = search(simulations=30)
+    root_children = tree.children(tree.root)
+    texts = [c.text for c in root_children]
+    assert len(texts) == len(set(texts)) == 5  # duplicate merged, truncated candidate dropped
+    assert "Plan 1: cut" not in texts
+    assert policy.calls[0].n == 5 and policy.calls[0].temperature == 0.7
+    assert all(r.n == 3 for r in policy.calls[1:])
+    assert all(r.force_solution == (len(r.state.steps) >= 5) for r in policy.calls)
+
+
+def test_depth_limit_forces_solution_steps():
+    tree, _ = search(simulations=200, max_depth=3, c_puct=50.0)
+    depths = Counter(n.depth for n in tree.nodes)
+    assert max(depths) == 3
+    assert all(n.kind is StepKind.SOLUTION for n in tree.nodes if n.depth == 3)
+    assert_invariants(tree)
+
+
+def test_terminal_rewards_are_plus_minus_one_and_graded():
+    tree, _ = search(simulations=60)
+    terminals = [n for n in tree.nodes if n.kind is StepKind.SOLUTION]
+    assert terminals
+    for node in terminals:
+        assert node.answer in (GOLD, "7")
+        assert node.correct == (node.answer == GOLD)
+        assert node.reward == (1.0 if node.correct else -1.0)
+
+
+def test_inference_mode_scores_terminals_with_the_value_model():
+    mcts = MCTS(ScriptedPolicy(), ScriptedValue(0.25), SearchConfig(simulations=40))
+    tree = run(mcts.search(mcts.new_tree("t", "q", gold=None)))
+    terminals = [n for n in tree.nodes if n.kind is StepKind.SOLUTION]
+    assert terminals and all(n.reward is None and n.correct is None for n in terminals)
+    assert all(n.V == 0.25 for n in terminals)
+
+
+def test_dead_end_leaf_gets_minus_one():
+    mcts = MCTS(DeadEndPolicy(), ScriptedValue(0.5), SearchConfig(simulations=3))
+    tree = run(mcts.search(mcts.new_tree("t", "q", GOLD)))
+    assert tree.root.dead_end and tree.root.V == -1.0 and tree.root.N == 3
+    assert len(tree.nodes) == 1
+
+
+def test_backup_transcribes_eqs_2_to_4():
+    tree = Tree.new("h", "q", "1", SearchConfig())
+    root = tree.root
+    root.expanded = True
+    a = tree.add_child(root, kind=StepKind.PLAN, text="a", V=0.5, N=2)
+    b = tree.add_child(root, kind=StepKind.PLAN, text="b", V=-1.0, N=1)
+    c = tree.add_child(root, kind=StepKind.PLAN, text="c", V=0.9)  # unvisited: no weight
+    a.Q, b.Q, c.Q = a.V, b.V, c.V
+    root.N = 3
+    backup(tree, b)
+    assert b.N == 2 and root.N == 4
+    assert math.isclose(root.V, (2 * 0.5 + 2 * -1.0) / 4)
+
+
+def test_puct_and_priors():
+    node = Node(id=1, parent=0, depth=1, Q=0.2, prior=0.5, N=3)
+    assert math.isclose(puct_score(node, 16, 1.5), 0.2 + 1.5 * 0.5 * 4 / 4)
+    cands = [
+        Candidate(kind=StepKind.PLAN, text="x", num_tokens=2, logprob=-2.0, finish_reason="stop"),
+        Candidate(kind=StepKind.PLAN, text="y", num_tokens=4, logprob=-2.0, finish_reason="stop"),
+    ]
+    mean = priors(cands, PriorMode.MEAN_LOGPROB)
+    assert math.isclose(mean[0] / mean[1], math.exp(-1.0) / math.exp(-0.5))
+    assert priors(cands, PriorMode.SUM_LOGPROB) == [0.5, 0.5]
+    assert priors(cands, PriorMode.UNIFORM) == [0.5, 0.5]
+
+
+def test_snapshot_round_trip_and_resume_equals_uninterrupted():
+    full, _ = search(simulations=50)
+    mcts = MCTS(ScriptedPolicy(), ScriptedValue(), SearchConfig(simulations=20))
+    partial = run(mcts.search(mcts.new_tree("t1", "What is the answer?", GOLD)))
+    snapshot = partial.model_dump_json()
+    restored = Tree.model_validate_json(snapshot)
+    assert restored == partial
+    restored.config = restored.config.model_copy(update={"simulations": 50})
+    resumed = run(MCTS(ScriptedPolicy(), ScriptedValue()).search(restored))
+    assert resumed.model_dump(exclude={"created_at", "config"}) == full.model_dump(exclude={"created_at", "config"})
+
+
+def test_cancel_between_simulations_keeps_work():
+    done = []
+
+    def progress(tree: Tree) -> None:
+        done.append(tree.simulations_done)
+
+    mcts = MCTS(ScriptedPolicy(), ScriptedValue(), SearchConfig(simulations=100))
+    tree = mcts.new_tree("t", "q", GOLD)
+    with pytest.raises(SearchCancelled) as info:
+        run(mcts.search(tree, on_progress=progress, should_cancel=lambda: len(done) >= 7))
+    assert info.value.tree.simulations_done == 7 == tree.root.N
+    assert done == list(range(1, 8))
+
+
+def test_many_trees_batch_together():
+    class CountingPolicy(ScriptedPolicy):
+        in_flight = 0
+        peak = 0
+
+        async def expand(self, requests):
+            CountingPolicy.in_flight += 1
+            CountingPolicy.peak = max(CountingPolicy.peak, CountingPolicy.in_flight)
+            await asyncio.sleep(0.001)
+            try:
+                return await super().expand(requests)
+            finally:
+                CountingPolicy.in_flight -= 1
+
+    mcts = MCTS(CountingPolicy(), ScriptedValue(), SearchConfig(simulations=10))
+    trees = [mcts.new_tree(f"t{i}", "q", GOLD) for i in range(8)]
+    out = run(mcts.search_many(trees, max_concurrent=8))
+    assert [t.simulations_done for t in out] == [10] * 8
+    assert CountingPolicy.peak == 8  # all eight trees waited on the policy at the same time
