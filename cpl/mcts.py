@@ -97,6 +97,7 @@ class MCTS:
             temperature=config.temperature,
             max_tokens=config.max_step_tokens,
             force_solution=node.depth >= config.max_depth - 1,
+            few_shot=config.few_shot,
         )
         (result,) = await self.policy.expand([request])
         kept: dict[tuple[StepKind, str], Candidate] = {}

@@ -42,6 +42,10 @@ class ExpandRequest(BaseModel):
     temperature: float = Field(default=0.7, ge=0.0, le=5.0)
     max_tokens: int = Field(default=256, ge=1)
     force_solution: bool = False
+    few_shot: bool = True
+
+    def prompt(self) -> str:
+        return self.state.policy_prompt(force_solution=self.force_solution, few_shot=self.few_shot)
 
 
 class Candidate(BaseModel):

@@ -1,0 +1,184 @@
+"""The `cpl` command line: library-mode search, tiny models, the demo."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from cpl.config import PriorMode, SearchConfig
+from cpl.formats import PromptFormat
+
+EXIT_USAGE = 2
+
+
+class CLIError(Exception):
+    """A user error: printed as one line, exit code 2."""
+
+
+def _positive(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return number
+
+
+def default_models_dir() -> Path:
+    return Path("runs/models/tiny")
+
+
+def ensure_default_models() -> tuple[Path, Path]:
+    """The embedded default model; built locally (random weights) on first use."""
+    from cpl.models.tiny import build_tiny_models
+
+    out = default_models_dir()
+    policy, value = out / "policy", out / "value"
+    if not (policy / "config.json").is_file() or not (value / "config.json").is_file():
+        print(f"building the default tiny models into {out} ...", file=sys.stderr)
+        build_tiny_models(out)
+    return policy, value
+
+
+def _model_dir(path: Path | None, kind: str, default: Path) -> Path:
+    model = path or default
+    if not (model / "config.json").is_file():
+        raise CLIError(f"--{kind} {model}: not a model directory (no config.json)")
+    return model
+
+
+def add_search_arguments(p: argparse.ArgumentParser) -> None:
+    defaults = SearchConfig()
+    p.add_argument("--policy", type=Path, help="policy model directory (default: the embedded model)")
+    p.add_argument("--value", type=Path, help="value model directory (default: the embedded model)")
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--input", type=Path, help="GSM8K or MATH JSONL file of problems")
+    source.add_argument("--question", help="one question (use --answer for its ground truth)")
+    p.add_argument("--answer", help="ground-truth answer of --question (omit for inference mode)")
+    p.add_argument("--limit", type=_positive, help="search only the first N problems of --input")
+    p.add_argument("--out", type=Path, required=True, help="output directory")
+    p.add_argument("--simulations", type=_positive, default=defaults.simulations)
+    p.add_argument("--round", type=int, choices=[1, 2], help="round preset: 1 = plain/200 sims, 2 = XML/100 sims")
+    p.add_argument("--format", choices=[f.value for f in PromptFormat], default=None)
+    p.add_argument("--no-few-shot", action="store_true", help="leave the appendix A.1 demonstrations out")
+    p.add_argument("--c-puct", type=float, default=defaults.c_puct)
+    p.add_argument("--temperature", type=float, default=defaults.temperature)
+    p.add_argument("--max-depth", type=_positive, default=defaults.max_depth)
+    p.add_argument("--max-step-tokens", type=_positive, default=defaults.max_step_tokens)
+    p.add_argument("--prior", choices=[m.value for m in PriorMode], default=defaults.prior.value)
+    p.add_argument("--concurrency", type=_positive, default=32, help="trees searched at once")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def search_config(args: argparse.Namespace) -> SearchConfig:
+    overrides = {
+        "c_puct": args.c_puct,
+        "temperature": args.temperature,
+        "max_depth": args.max_depth,
+        "max_step_tokens": args.max_step_tokens,
+        "prior": args.prior,
+        "few_shot": not args.no_few_shot,
+    }
+    if args.round:
+        config = SearchConfig.round_preset(args.round, **overrides)
+        if args.simulations != SearchConfig().simulations:
+            config = config.model_copy(update={"simulations": args.simulations})
+    else:
+        config = SearchConfig(simulations=args.simulations, **overrides)
+    if args.format:
+        config = config.model_copy(update={"format": PromptFormat(args.format)})
+    return config
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from cpl.library_search import run_library_search
+    from cpl.problems import Problem, ProblemFileError, load_problems, problem_id
+
+    if args.input is None and args.question is None:
+        raise CLIError("give --input FILE.jsonl or --question Q")
+    if args.answer is not None and args.question is None:
+        raise CLIError("--answer goes with --question")
+    if args.input is not None:
+        try:
+            problems = load_problems(args.input, limit=args.limit)
+        except ProblemFileError as exc:
+            raise CLIError(str(exc)) from exc
+        if not problems:
+            raise CLIError(f"{args.input}: no problems in the file")
+    else:
+        if not args.question.strip():
+            raise CLIError("--question is empty")
+        problems = [Problem(id=problem_id(args.question), question=args.question, gold=args.answer)]
+    config = search_config(args)
+    if args.policy is None or args.value is None:
+        default_policy, default_value = ensure_default_models()
+    policy = _model_dir(args.policy, "policy", args.policy or default_policy)
+    value = _model_dir(args.value, "value", args.value or default_value)
+    counts = run_library_search(
+        problems,
+        policy,
+        value,
+        config,
+        args.out,
+        max_concurrent=args.concurrency,
+        seed=args.seed,
+        show_progress=not args.quiet,
+    )
+    print(f"{len(problems)} trees in {args.out / 'trees'}; " + ", ".join(f"{k}: {v}" for k, v in counts.items()))
+    return 0
+
+
+def cmd_models_tiny(args: argparse.Namespace) -> int:
+    from cpl.models.tiny import build_tiny_models
+
+    policy, value = build_tiny_models(args.out, arch=args.arch, seed=args.seed)
+    print(f"policy: {policy}\nvalue: {value}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """The README's main job: a small search over three GSM8K questions with the embedded model."""
+    sample = Path(__file__).resolve().parent.parent / "examples" / "gsm8k_sample.jsonl"
+    argv = ["search", "--input", str(sample), "--out", str(args.out), "--simulations", str(args.simulations)]
+    return main([*argv, "--max-step-tokens", "96", "--no-few-shot"])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cpl", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    search = sub.add_parser("search", help="MCTS over plan steps, in-process on vLLM")
+    add_search_arguments(search)
+    search.set_defaults(func=cmd_search)
+
+    models = sub.add_parser("models", help="build models").add_subparsers(dest="models_command", required=True)
+    tiny = models.add_parser("tiny", help="random-weight tiny policy + value models with a local tokenizer")
+    tiny.add_argument("--out", type=Path, required=True)
+    tiny.add_argument("--arch", choices=["llama", "qwen2"], default="llama")
+    tiny.add_argument("--seed", type=int, default=0)
+    tiny.set_defaults(func=cmd_models_tiny)
+
+    demo = sub.add_parser("demo", help="search three GSM8K questions with the embedded default model")
+    demo.add_argument("--out", type=Path, default=Path("runs/demo"))
+    demo.add_argument("--simulations", type=_positive, default=8)
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format='{"time": "%(asctime)s", "level": "%(levelname)s", "logger": "%(name)s", "message": "%(message)s"}',
+    )
+    try:
+        return args.func(args)
+    except CLIError as exc:
+        print(f"cpl: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())
