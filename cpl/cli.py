@@ -68,6 +68,10 @@ def add_search_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prior", choices=[m.value for m in PriorMode], default=defaults.prior.value)
     p.add_argument("--concurrency", type=_positive, default=32, help="trees searched at once")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default="auto", help="vLLM dtype (auto, float32, bfloat16, ...)")
+    p.add_argument(
+        "--marker-bias", type=float, default=0.0, help="logit bias on stop markers (for random-weight test models)"
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -95,10 +99,10 @@ def cmd_search(args: argparse.Namespace) -> int:
     from cpl.library_search import run_library_search
     from cpl.problems import Problem, ProblemFileError, load_problems, problem_id
 
-    if args.input is None and args.question is None:
-        raise CLIError("give --input FILE.jsonl or --question Q")
     if args.answer is not None and args.question is None:
         raise CLIError("--answer goes with --question")
+    if args.input is None and args.question is None:
+        raise CLIError("give --input FILE.jsonl or --question Q")
     if args.input is not None:
         try:
             problems = load_problems(args.input, limit=args.limit)
@@ -123,6 +127,8 @@ def cmd_search(args: argparse.Namespace) -> int:
         args.out,
         max_concurrent=args.concurrency,
         seed=args.seed,
+        dtype=args.dtype,
+        marker_bias=args.marker_bias,
         show_progress=not args.quiet,
     )
     print(f"{len(problems)} trees in {args.out / 'trees'}; " + ", ".join(f"{k}: {v}" for k, v in counts.items()))

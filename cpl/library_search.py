@@ -88,12 +88,15 @@ def run_library_search(
     *,
     max_concurrent: int = 32,
     seed: int = 0,
+    dtype: str = "auto",
+    marker_bias: float = 0.0,
     show_progress: bool = True,
 ) -> dict[str, int]:
-    from cpl.engines.vllm_offline import VLLMPolicy, VLLMValue
+    from cpl.engines.vllm_offline import VLLMPolicy, VLLMValue, stop_marker_bias
 
-    policy = VLLMPolicy(policy_dir, seed=seed, few_shot=config.few_shot)
-    value = VLLMValue(value_dir)
+    extra = {"logit_bias": stop_marker_bias(policy_dir, marker_bias)} if marker_bias else None
+    policy = VLLMPolicy(policy_dir, seed=seed, dtype=dtype, extra_sampling=extra)
+    value = VLLMValue(value_dir, dtype=dtype)
     try:
         return asyncio.run(
             search_problems(

@@ -1,0 +1,115 @@
+"""`cpl search` end to end: the real CLI, in-process vLLM on the tiny models, three GSM8K questions."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cpl.formats import StepKind, render_prompt
+from cpl.problems import load_problems
+from cpl.tree import Tree
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE = REPO / "examples" / "gsm8k_sample.jsonl"
+
+
+def cpl(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "cpl.cli", *args], capture_output=True, text=True, timeout=timeout, cwd=REPO
+    )
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def search_run(tiny_models, tmp_path_factory) -> Path:
+    policy, value = tiny_models
+    out = tmp_path_factory.mktemp("search")
+    args = ["search", "--policy", str(policy), "--value", str(value), "--input", str(SAMPLE), "--out", str(out)]
+    args += ["--simulations", "12", "--no-few-shot", "--max-step-tokens", "24", "--marker-bias", "4", "--quiet"]
+    result = cpl(*args, "--dtype", "float32")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
+@pytest.mark.vllm
+def test_search_writes_trees_and_datasets_that_agree(search_run: Path):
+    out = search_run
+    problems = load_problems(SAMPLE)
+    trees = {p.id: Tree.model_validate_json((out / "trees" / f"{p.id}.json").read_text()) for p in problems}
+    assert len(trees) == 3
+    for problem in problems:
+        tree = trees[problem.id]
+        assert tree.gold == problem.gold and tree.question == problem.question
+        assert tree.simulations_done == tree.root.N == 12
+        assert len(tree.nodes) > 1  # the marker bias makes steps end, so the root has children
+
+    values = read_jsonl(out / "value.jsonl")
+    visited = {(t.id, n.id) for t in trees.values() for n in t.nodes if n.N > 0}
+    assert {(r["tree_id"], r["node_id"]) for r in values} == visited
+    for row in values:
+        node = trees[row["tree_id"]].nodes[row["node_id"]]
+        assert row["value"] == pytest.approx(node.V) and row["visits"] == node.N
+
+    for name in ("plan_pairs", "solution_pairs"):
+        for row in read_jsonl(out / f"{name}.jsonl"):
+            tree = trees[row["tree_id"]]
+            chosen, rejected = tree.nodes[row["chosen_id"]], tree.nodes[row["rejected_id"]]
+            assert chosen.parent == rejected.parent == row["parent_id"]
+            assert (row["chosen_value"], row["rejected_value"]) == (chosen.V, rejected.V)
+            assert chosen.V > 0 > rejected.V
+            assert chosen.text in row["chosen"] and rejected.text in row["rejected"]
+            parent = tree.nodes[row["parent_id"]]
+            assert row["prompt"] == render_prompt(
+                tree.question, tree.state(parent).as_steps(), tree.config.format, few_shot=False
+            )
+
+    correct = {(t.id, n.id) for t in trees.values() for n in t.nodes if n.kind is StepKind.SOLUTION and n.correct}
+    sft = read_jsonl(out / "sft.jsonl")
+    assert {(r["tree_id"], r["node_id"]) for r in sft} <= correct
+
+
+@pytest.mark.vllm
+def test_search_resumes_finished_trees_without_new_work(search_run: Path, tiny_models):
+    before = {p.name: p.read_text() for p in (search_run / "trees").iterdir()}
+    policy, value = tiny_models
+    args = ["search", "--policy", str(policy), "--value", str(value), "--input", str(SAMPLE), "--out", str(search_run)]
+    args += ["--simulations", "12", "--no-few-shot", "--max-step-tokens", "24", "--marker-bias", "4", "--quiet"]
+    result = cpl(*args, "--dtype", "float32")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert {p.name: p.read_text() for p in (search_run / "trees").iterdir()} == before
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["search", "--out", "x"], "give --input"),
+        (["search", "--input", "/nonexistent.jsonl", "--out", "x"], "no such file"),
+        (["search", "--answer", "3", "--out", "x"], "--answer goes with --question"),
+        (["search", "--question", "q", "--simulations", "0", "--out", "x"], "positive integer"),
+        (
+            ["search", "--question", "q", "--policy", "/nonexistent", "--value", "/nonexistent", "--out", "x"],
+            "not a model directory",
+        ),
+    ],
+)
+def test_bad_input_exits_2_with_a_message(args, message):
+    result = cpl(*args, timeout=120)
+    assert result.returncode == 2
+    assert message in result.stderr
+
+
+def test_malformed_problem_file(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "What?", "answer": "#### 4"}\nnot json\n')
+    result = cpl("search", "--input", str(bad), "--out", str(tmp_path / "o"), timeout=120)
+    assert result.returncode == 2 and "bad.jsonl:2: not JSON" in result.stderr
+    bad.write_text('{"question": "What?"}\n')
+    result = cpl("search", "--input", str(bad), "--out", str(tmp_path / "o"), timeout=120)
+    assert result.returncode == 2 and "bad.jsonl:1" in result.stderr
