@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from pathlib import Path
@@ -150,6 +151,53 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return main([*argv, "--max-step-tokens", "96", "--no-few-shot"])
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from cpl.evaluation import evaluate, http_generator, offline_generator
+    from cpl.problems import ProblemFileError, load_problems
+
+    if (args.model is None) == (args.policy_url is None):
+        raise CLIError("give exactly one of --model DIR or --policy-url URL")
+    try:
+        problems = load_problems(args.input, limit=args.limit)
+    except ProblemFileError as exc:
+        raise CLIError(str(exc)) from exc
+    if not problems:
+        raise CLIError(f"{args.input}: no problems in the file")
+    fmt = PromptFormat(args.format)
+    if args.model is not None:
+        generate = offline_generator(str(_model_dir(args.model, "model", args.model)), fmt, dtype=args.dtype)
+    else:
+        generate = http_generator(args.policy_url, fmt)
+    report = evaluate(problems, generate, fmt=fmt, few_shot=not args.no_few_shot, max_tokens=args.max_tokens)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(report.model_dump_json(indent=2))
+    print(f"accuracy {report.accuracy:.4f} ({report.correct}/{report.total}) on {args.input}")
+    return 0
+
+
+def cmd_eval_ood(args: argparse.Namespace) -> int:
+    from cpl.ood_eval import run_lm_eval
+
+    tasks = [t for t in args.tasks.split(",") if t]
+    if not tasks:
+        raise CLIError("--tasks is empty")
+    results = run_lm_eval(
+        args.base_url,
+        args.tokenizer,
+        tasks,
+        include_path=args.include_path,
+        limit=args.limit,
+        num_fewshot=args.num_fewshot,
+    )
+    text = json.dumps(results, indent=2, default=str)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text)
+    print(text)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cpl", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -165,6 +213,29 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--arch", choices=["llama", "qwen2"], default="llama")
     tiny.add_argument("--seed", type=int, default=0)
     tiny.set_defaults(func=cmd_models_tiny)
+
+    ev = sub.add_parser("eval", help="zero-shot accuracy on GSM8K/MATH-format JSONL")
+    target = ev.add_mutually_exclusive_group()
+    target.add_argument("--model", type=Path, help="policy model directory (in-process vLLM)")
+    target.add_argument("--policy-url", help="a running policy service or OpenAI-compatible server")
+    ev.add_argument("--input", type=Path, required=True)
+    ev.add_argument("--limit", type=_positive)
+    ev.add_argument("--format", choices=[f.value for f in PromptFormat], default=PromptFormat.PLAIN.value)
+    ev.add_argument("--no-few-shot", action="store_true")
+    ev.add_argument("--max-tokens", type=_positive, default=512)
+    ev.add_argument("--dtype", default="auto")
+    ev.add_argument("--out", type=Path, help="write the per-problem report as JSON")
+    ev.set_defaults(func=cmd_eval)
+
+    ood = sub.add_parser("eval-ood", help="lm-eval harness (ARC-C, BBH, MMLU-STEM) against an OpenAI endpoint")
+    ood.add_argument("--base-url", required=True, help="server root, e.g. http://127.0.0.1:8000")
+    ood.add_argument("--tokenizer", type=Path, required=True, help="local tokenizer directory")
+    ood.add_argument("--tasks", default="arc_challenge,bbh,mmlu_stem")
+    ood.add_argument("--include-path", type=Path, help="directory of local task YAMLs (no dataset hub here)")
+    ood.add_argument("--limit", type=_positive)
+    ood.add_argument("--num-fewshot", type=int)
+    ood.add_argument("--out", type=Path)
+    ood.set_defaults(func=cmd_eval_ood)
 
     demo = sub.add_parser("demo", help="search three GSM8K questions with the embedded default model")
     demo.add_argument("--out", type=Path, default=Path("runs/demo"))

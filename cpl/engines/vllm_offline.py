@@ -140,7 +140,7 @@ def _is_cpu_platform() -> bool:
     return current_platform.is_cpu()
 
 
-def _engine_kwargs(
+def engine_kwargs(
     *,
     max_model_len: int,
     seed: int,
@@ -266,7 +266,7 @@ class VLLMPolicy(_Engine):
             model=str(self.model_dir),
             runner="generate",
             enable_prefix_caching=enable_prefix_caching,
-            **_engine_kwargs(
+            **engine_kwargs(
                 max_model_len=max_model_len,
                 seed=seed,
                 dtype=dtype,
@@ -389,7 +389,7 @@ class VLLMValue(_Engine):
             runner="pooling",
             pooler_config=PoolerConfig(use_activation=False),
             enable_prefix_caching=enable_prefix_caching,
-            **_engine_kwargs(
+            **engine_kwargs(
                 max_model_len=max_model_len,
                 seed=seed,
                 dtype=dtype,
