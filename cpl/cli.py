@@ -6,7 +6,9 @@ import argparse
 import json
 import logging
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from cpl.config import PriorMode, SearchConfig
 from cpl.formats import PromptFormat
@@ -164,11 +166,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if not problems:
         raise CLIError(f"{args.input}: no problems in the file")
     fmt = PromptFormat(args.format)
+    few_shot = not args.no_few_shot
     if args.model is not None:
-        generate = offline_generator(str(_model_dir(args.model, "model", args.model)), fmt, dtype=args.dtype)
+        with offline_generator(str(_model_dir(args.model, "model", args.model)), fmt, dtype=args.dtype) as generate:
+            report = evaluate(problems, generate, fmt=fmt, few_shot=few_shot, max_tokens=args.max_tokens)
     else:
         generate = http_generator(args.policy_url, fmt)
-    report = evaluate(problems, generate, fmt=fmt, few_shot=not args.no_few_shot, max_tokens=args.max_tokens)
+        report = evaluate(problems, generate, fmt=fmt, few_shot=few_shot, max_tokens=args.max_tokens)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(report.model_dump_json(indent=2))
@@ -198,10 +202,81 @@ def cmd_eval_ood(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def cmd_round(args: argparse.Namespace) -> int:
+    from cpl.problems import ProblemFileError, load_problems
+    from cpl.round import Round, RoundSettings, print_stage
+
+    try:
+        problems = load_problems(args.input, limit=args.limit)
+        eval_problems = load_problems(args.eval_input, limit=args.eval_limit) if args.eval_input else []
+    except ProblemFileError as exc:
+        raise CLIError(str(exc)) from exc
+    if not problems:
+        raise CLIError(f"{args.input}: no problems in the file")
+    base = _model_dir(args.base, "base", args.base)
+    for flag, path in (("search-policy", args.search_policy), ("search-value", args.search_value)):
+        if path is not None:
+            _model_dir(path, flag, path)
+    search = SearchConfig.round_preset(
+        args.round,
+        few_shot=not args.no_few_shot,
+        max_step_tokens=args.max_step_tokens,
+        max_depth=args.max_depth,
+        **({"simulations": args.simulations} if args.simulations else {}),
+    )
+
+    def overrides(**values: object) -> dict[str, object]:
+        return {k: v for k, v in values.items() if v is not None}
+
+    micro = args.micro_batch_size
+    settings = RoundSettings(
+        round=args.round,
+        base=base,
+        search_policy=args.search_policy,
+        search_value=args.search_value,
+        search=search,
+        concurrency=args.concurrency,
+        dtype=args.dtype,
+        marker_bias=args.marker_bias,
+        baselines=not args.no_baselines,
+        sft=overrides(
+            epochs=args.sft_epochs, batch_size=args.sft_batch_size, learning_rate=args.sft_lr, micro_batch_size=micro
+        ),
+        preference=overrides(
+            epochs=args.apo_epochs, batch_size=args.apo_batch_size, learning_rate=args.apo_lr, micro_batch_size=micro
+        ),
+        value=overrides(
+            epochs=args.value_epochs,
+            batch_size=args.value_batch_size,
+            learning_rate=args.value_lr,
+            micro_batch_size=micro,
+        ),
+        eval_max_tokens=args.eval_max_tokens,
+        seed=args.seed,
+    )
+    records = Round(args.run_dir, settings, problems, eval_problems).run_all(on_stage=print_stage)
+    for stage, record in records.items():
+        extra = f" ({record.reason})" if record.reason else ""
+        print(f"{stage}: {record.status}{extra}")
+    if "eval" in records and records["eval"].status == "done":
+        print("accuracy: " + json.dumps(records["eval"].outputs["accuracy"]))
+    return 0
+
+
+Extension = Callable[[Any], Any]
+"""Adds sub-commands to the ``cpl`` parser; the service layer uses it to add ``cpl serve`` (the library itself
+knows nothing about services)."""
+
+
+def build_parser(extensions: Sequence[Extension] = ()) -> argparse.ArgumentParser:
+    from cpl.training.cli import add_train_parser
+
     parser = argparse.ArgumentParser(prog="cpl", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
+    add_train_parser(sub)
+    for extend in extensions:
+        extend(sub)
 
     search = sub.add_parser("search", help="MCTS over plan steps, in-process on vLLM")
     add_search_arguments(search)
@@ -237,6 +312,33 @@ def build_parser() -> argparse.ArgumentParser:
     ood.add_argument("--out", type=Path)
     ood.set_defaults(func=cmd_eval_ood)
 
+    rnd = sub.add_parser("round", help="one CPL round in-process: search, extract, train, evaluate (resumable)")
+    rnd.add_argument("--base", type=Path, required=True, help="base policy model directory")
+    rnd.add_argument("--input", type=Path, required=True, help="training problems (GSM8K or MATH JSONL)")
+    rnd.add_argument("--run-dir", type=Path, required=True, help="every artefact goes here; rerun to resume")
+    rnd.add_argument("--round", type=int, default=1, choices=[1, 2])
+    rnd.add_argument("--search-policy", type=Path, help="policy for the search (round 2: the round-1 policy)")
+    rnd.add_argument("--search-value", type=Path, help="value model for the search (default: fresh head)")
+    rnd.add_argument("--eval-input", type=Path, help="held-out problems to evaluate every policy on")
+    rnd.add_argument("--limit", type=_positive)
+    rnd.add_argument("--eval-limit", type=_positive)
+    rnd.add_argument("--simulations", type=_positive, help="default: the round preset (200 / 100)")
+    rnd.add_argument("--no-few-shot", action="store_true")
+    rnd.add_argument("--max-step-tokens", type=_positive, default=SearchConfig().max_step_tokens)
+    rnd.add_argument("--max-depth", type=_positive, default=SearchConfig().max_depth)
+    rnd.add_argument("--concurrency", type=_positive, default=32)
+    rnd.add_argument("--dtype", default="auto")
+    rnd.add_argument("--marker-bias", type=float, default=0.0)
+    rnd.add_argument("--no-baselines", action="store_true", help="skip the Step-DPO baseline")
+    for prefix in ("sft", "apo", "value"):
+        rnd.add_argument(f"--{prefix}-epochs", type=_positive)
+        rnd.add_argument(f"--{prefix}-batch-size", type=_positive)
+        rnd.add_argument(f"--{prefix}-lr", type=float)
+    rnd.add_argument("--micro-batch-size", type=_positive)
+    rnd.add_argument("--eval-max-tokens", type=_positive, default=256)
+    rnd.add_argument("--seed", type=int, default=0)
+    rnd.set_defaults(func=cmd_round)
+
     demo = sub.add_parser("demo", help="search three GSM8K questions with the embedded default model")
     demo.add_argument("--out", type=Path, default=Path("runs/demo"))
     demo.add_argument("--simulations", type=_positive, default=8)
@@ -244,8 +346,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: list[str] | None = None, extensions: Sequence[Extension] = ()) -> int:
+    args = build_parser(extensions).parse_args(argv)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         format='{"time": "%(asctime)s", "level": "%(levelname)s", "logger": "%(name)s", "message": "%(message)s"}',

@@ -8,7 +8,8 @@ The model writes a whole response (plan steps and the solution) greedily from th
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 
 from pydantic import BaseModel, Field
 
@@ -64,13 +65,16 @@ def evaluate(
     return EvalReport(total=len(items), correct=correct, accuracy=correct / len(items), format=fmt, items=items)
 
 
-def offline_generator(model_dir: str, fmt: PromptFormat, *, dtype: str = "auto", max_model_len: int = 4096) -> Generate:
-    """Greedy generation on an in-process vLLM engine (import-guarded: vLLM starts processes with spawn)."""
+@contextmanager
+def offline_generator(
+    model_dir: str, fmt: PromptFormat, *, dtype: str = "auto", max_model_len: int = 4096
+) -> Iterator[Generate]:
+    """Greedy generation on an in-process vLLM engine, shut down on exit (vLLM starts processes with spawn)."""
     from vllm import LLM, SamplingParams
 
-    from cpl.engines.vllm_offline import engine_kwargs
+    from cpl.engines.vllm_offline import build_engine_kwargs, shutdown_llm
 
-    kwargs = engine_kwargs(
+    kwargs = build_engine_kwargs(
         max_model_len=max_model_len,
         seed=0,
         dtype=dtype,
@@ -86,7 +90,10 @@ def offline_generator(model_dir: str, fmt: PromptFormat, *, dtype: str = "auto",
         outputs = llm.generate(list(prompts), params, use_tqdm=True)
         return [o.outputs[0].text for o in outputs]
 
-    return generate
+    try:
+        yield generate
+    finally:
+        shutdown_llm(llm)
 
 
 def http_generator(base_url: str, fmt: PromptFormat, *, timeout_s: float = 300.0, batch: int = 32) -> Generate:

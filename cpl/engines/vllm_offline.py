@@ -140,7 +140,7 @@ def _is_cpu_platform() -> bool:
     return current_platform.is_cpu()
 
 
-def engine_kwargs(
+def build_engine_kwargs(
     *,
     max_model_len: int,
     seed: int,
@@ -166,7 +166,7 @@ def engine_kwargs(
     return kwargs
 
 
-def _shutdown_llm(llm: Any) -> None:
+def shutdown_llm(llm: Any) -> None:
     engine = getattr(llm, "llm_engine", None)
     core = getattr(engine, "engine_core", None)
     if core is not None:
@@ -194,7 +194,7 @@ class _Engine:
         else:
             llm, self._llm = getattr(self, "_llm", None), None
         if llm is not None:
-            _shutdown_llm(llm)
+            shutdown_llm(llm)
             del llm
             gc.collect()
 
@@ -266,7 +266,7 @@ class VLLMPolicy(_Engine):
             model=str(self.model_dir),
             runner="generate",
             enable_prefix_caching=enable_prefix_caching,
-            **engine_kwargs(
+            **build_engine_kwargs(
                 max_model_len=max_model_len,
                 seed=seed,
                 dtype=dtype,
@@ -389,7 +389,7 @@ class VLLMValue(_Engine):
             runner="pooling",
             pooler_config=PoolerConfig(use_activation=False),
             enable_prefix_caching=enable_prefix_caching,
-            **engine_kwargs(
+            **build_engine_kwargs(
                 max_model_len=max_model_len,
                 seed=seed,
                 dtype=dtype,
