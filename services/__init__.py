@@ -1,0 +1,5 @@
+"""Network services around the `cpl` library: thin adapters, no algorithm (DESIGN §3, §4).
+
+``services.policy`` and ``services.value`` are FastAPI gateways in front of a vLLM OpenAI-compatible server
+that each runs as a child process on localhost; ``services.common`` holds what they share.
+"""

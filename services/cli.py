@@ -1,0 +1,86 @@
+"""``cpl serve policy|value``: the argparse part, for cpl/cli.py to call.
+
+    from services.cli import add_serve_parser
+    add_serve_parser(sub)          # sub = parser.add_subparsers(...)
+    ...
+    return args.func(args)         # runs the service until SIGINT/SIGTERM
+
+Flags override the ``CPL_POLICY_*`` / ``CPL_VALUE_*`` environment variables; everything else (the admin token
+above all, which must not appear on a command line) comes from the environment. docs/services.md lists them.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+# (flag, settings field, type, help)
+_OPTIONS: tuple[tuple[str, str, Any, str], ...] = (
+    ("--model", "model", Path, "model directory served at start"),
+    ("--host", "host", str, "gateway address (default 0.0.0.0)"),
+    ("--port", "port", int, "gateway port (default 8001 policy, 8002 value)"),
+    ("--checkpoint-root", "checkpoint_root", Path, "hot-swap checkpoints must lie under this directory"),
+    ("--admin-token-file", "admin_token_file", Path, "file with the admin bearer token"),
+    ("--model-version", "model_version", str, "version label of the model loaded at start (default 1)"),
+    ("--served-model-name", "served_model_name", str, "OpenAI model name (default policy / value)"),
+    ("--max-model-len", "max_model_len", int, "vLLM --max-model-len (default 4096)"),
+    ("--gpu-memory-utilization", "gpu_memory_utilization", float, "vLLM memory share (default 0.9)"),
+    ("--kv-cache-memory-bytes", "kv_cache_memory_bytes", int, "explicit vLLM KV cache size in bytes"),
+    ("--dtype", "dtype", str, "vLLM --dtype (default auto)"),
+    ("--vllm-port", "vllm_port", int, "port of the vLLM child on localhost (default: a free one)"),
+    ("--log-format", "log_format", str, "json (default) or text"),
+    ("--log-level", "log_level", str, "gateway log level (default INFO)"),
+)
+
+
+def _add_service_parser(which: Any, name: str, help_text: str) -> argparse.ArgumentParser:
+    prefix = f"CPL_{name.upper()}_"
+    p = which.add_parser(
+        name,
+        help=help_text,
+        description=f"{help_text}. Settings not given as flags come from {prefix}* environment variables.",
+    )
+    for flag, dest, kind, help_line in _OPTIONS:
+        p.add_argument(flag, dest=dest, type=kind, default=None, help=help_line)
+    p.add_argument("--enforce-eager", dest="enforce_eager", action="store_true", default=None, help="no torch.compile")
+    p.add_argument(
+        "--no-prefix-caching",
+        dest="enable_prefix_caching",
+        action="store_false",
+        default=None,
+        help="turn vLLM prefix caching off",
+    )
+    p.set_defaults(func=run_serve, service=name)
+    return p
+
+
+def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Add ``serve {policy,value}`` to an argparse sub-parser collection; returns the ``serve`` parser."""
+    serve = subparsers.add_parser("serve", help="run the policy or value inference service (gateway + vLLM)")
+    which = serve.add_subparsers(dest="service", required=True, metavar="{policy,value}")
+    _add_service_parser(which, "policy", "policy service: /v1/expand and /v1/completions on vLLM")
+    _add_service_parser(which, "value", "value service: /v1/values on vLLM's pooling runner")
+    return serve
+
+
+def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    names = [dest for _, dest, _, _ in _OPTIONS] + ["enforce_eager", "enable_prefix_caching"]
+    return {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    overrides = overrides_from_args(args)
+    if args.service == "policy":
+        from services.policy.main import serve
+    else:
+        from services.value.main import serve
+    serve(**overrides)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The ``cpl`` console script: the library's commands plus ``cpl serve``."""
+    from cpl.cli import main as cpl_main
+
+    return cpl_main(argv, extensions=[add_serve_parser])

@@ -1,0 +1,90 @@
+"""The swap gate: requests pass while the engine is serving, wait while it is swapping (or starting), and get a
+retryable 503 if the wait grows too long. A swap closes the gate and waits for the requests in flight to finish,
+so every request is served wholly by one model version, the one it reads when it is admitted."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+
+
+class EngineUnavailable(Exception):
+    """The engine is swapping or restarting and the request waited long enough: answer 503 + Retry-After."""
+
+    def __init__(self, reason: str, retry_after_s: int) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.retry_after_s = retry_after_s
+
+
+class DrainTimeout(Exception):
+    """In-flight requests did not finish in time for a swap."""
+
+
+class SwapGate:
+    def __init__(self, *, wait_s: float, retry_after_s: int) -> None:
+        self.wait_s = wait_s
+        self.retry_after_s = retry_after_s
+        self._open = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._in_flight = 0
+        self.reason = "starting"
+
+    @property
+    def is_open(self) -> bool:
+        return self._open.is_set()
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    def open(self) -> None:
+        self.reason = ""
+        self._open.set()
+
+    def close(self, reason: str) -> None:
+        self.reason = reason
+        self._open.clear()
+
+    async def acquire(self) -> None:
+        deadline = time.monotonic() + self.wait_s
+        while not self._open.is_set():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise EngineUnavailable(f"engine {self.reason or 'unavailable'}; retry later", self.retry_after_s)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._open.wait(), remaining)
+        self._in_flight += 1
+        self._idle.clear()
+
+    def release(self) -> None:
+        self._in_flight -= 1
+        if self._in_flight <= 0:
+            self._in_flight = 0
+            self._idle.set()
+
+    @contextlib.asynccontextmanager
+    async def admit(self) -> AsyncIterator[None]:
+        await self.acquire()
+        try:
+            yield
+        finally:
+            self.release()
+
+    @contextlib.asynccontextmanager
+    async def closed(self, reason: str, drain_timeout_s: float) -> AsyncIterator[None]:
+        """Close the gate, wait for the requests in flight, run the body, reopen (also on failure)."""
+        self.close(reason)
+        try:
+            try:
+                await asyncio.wait_for(self._idle.wait(), drain_timeout_s)
+            except TimeoutError as exc:
+                raise DrainTimeout(
+                    f"{self._in_flight} requests still in flight after {drain_timeout_s:.0f}s; swap abandoned"
+                ) from exc
+            yield
+        finally:
+            self.open()

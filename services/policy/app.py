@@ -1,0 +1,203 @@
+"""The policy gateway: ``POST /v1/expand`` and an OpenAI-compatible ``POST /v1/completions`` pass-through.
+
+``/v1/expand`` sends one vLLM ``/v1/completions`` request per state (``n`` = k candidates) and all states of the
+batch at once, so vLLM's continuous batching and prefix caching (siblings share the whole prompt) do their work.
+Prompts come from :meth:`cpl.protocols.ExpandRequest.prompt`, stop strings from :func:`cpl.formats.stop_strings`
+and step classification from :func:`cpl.formats.parse_generated_step`.
+
+Log-probs: vLLM runs with ``--logprobs-mode raw_logprobs`` and each request asks for ``logprobs=0`` (only the
+sampled token's log-prob): a candidate's ``logprob`` is the sum of the untempered log-probs of exactly the tokens
+vLLM generated (``token_ids``), stop-marker token included, which is what a transformers forward pass over the
+prompt's ids followed by those ids gives.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import aiohttp
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.responses import Response, StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from cpl.formats import parse_generated_step, stop_strings
+from cpl.protocols import Candidate, ExpandRequest, ExpandResult
+from services.common.app import JSON_HEADERS, VERSION_HEADER, create_app, gather_all, post_upstream
+from services.common.engine import EngineCallError, EngineService
+from services.policy.schemas import ExpandBatchRequest, ExpandBatchResponse
+from services.policy.settings import PolicySettings
+
+
+def completion_payload(request: ExpandRequest, model: str) -> dict[str, Any]:
+    """The vLLM ``/v1/completions`` body for one state.
+
+    vLLM refuses ``n > 1`` with greedy sampling (temperature 0); greedy candidates are all the same, so one is
+    generated and repeated ``n`` times (:func:`candidates_from_completion`).
+    """
+    return {
+        "model": model,
+        "prompt": request.prompt(),
+        "n": 1 if request.temperature == 0 else request.n,
+        "temperature": request.temperature,
+        "max_tokens": request.max_tokens,
+        "stop": stop_strings(request.state.format),
+        "logprobs": 0,
+        "return_token_ids": True,
+    }
+
+
+def candidates_from_completion(request: ExpandRequest, completion: dict[str, Any]) -> list[Candidate]:
+    fmt = request.state.format
+    candidates = []
+    for choice in sorted(completion["choices"], key=lambda c: c["index"]):
+        stop_reason = choice.get("stop_reason")
+        stop_reason = None if stop_reason is None else str(stop_reason)
+        step = parse_generated_step(choice["text"], stop_reason, fmt, forced=request.force_solution)
+        token_logprobs = (choice.get("logprobs") or {}).get("token_logprobs") or []
+        token_ids = choice.get("token_ids")
+        candidates.append(
+            Candidate(
+                kind=step.kind,
+                text=step.text,
+                num_tokens=len(token_ids) if token_ids is not None else len(token_logprobs),
+                logprob=float(sum(lp for lp in token_logprobs if lp is not None)),
+                finish_reason=choice.get("finish_reason") or "stop",
+                stop_reason=stop_reason,
+                token_ids=token_ids,
+            )
+        )
+    if request.temperature == 0 and candidates:
+        candidates = [candidates[0].model_copy() for _ in range(request.n)]
+    return candidates
+
+
+class _GatedStream(StreamingResponse):
+    """A streamed pass-through answer that releases its gate slot however the stream ends."""
+
+    def __init__(self, *args: Any, on_close: Callable[[], Awaitable[None]], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._on_close = on_close
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self._on_close()
+
+
+def register_policy_routes(app: FastAPI, service: EngineService) -> None:
+    settings = service.settings
+    model_name = settings.served_model_name
+    metrics = service.metrics
+
+    @app.post("/v1/expand", response_model=ExpandBatchResponse)
+    async def expand(batch: ExpandBatchRequest) -> Response:
+        """k candidate next steps for each state; every state's request goes to vLLM at once."""
+        if len(batch.requests) > settings.max_batch_states:
+            raise HTTPException(413, f"at most {settings.max_batch_states} states per request")
+        async with service.gate.admit():
+            version = service.version
+            metrics.in_flight.inc()
+            try:
+                completions = await gather_all(
+                    [
+                        post_upstream(service, "/v1/completions", completion_payload(r, model_name))
+                        for r in batch.requests
+                    ]
+                )
+            finally:
+                metrics.in_flight.dec()
+        results = []
+        tokens = 0
+        for request, completion in zip(batch.requests, completions, strict=True):
+            candidates = candidates_from_completion(request, completion)
+            tokens += sum(c.num_tokens for c in candidates)
+            results.append(ExpandResult(candidates=candidates, model_version=version))
+        metrics.states.labels("/v1/expand").inc(len(batch.requests))
+        metrics.generated_tokens.inc(tokens)
+        # Serialised by pydantic-core in one go (FastAPI's generic response path costs ~40x more per state).
+        body = ExpandBatchResponse.model_construct(results=results, model_version=version).model_dump_json()
+        return Response(body, media_type="application/json", headers={VERSION_HEADER: version})
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        """OpenAI-compatible completions, forwarded unchanged to vLLM (``echo``, ``logprobs``, ``stream``, ...)."""
+        body = await request.body()
+        try:
+            parsed = json.loads(body)
+        except ValueError as exc:
+            raise HTTPException(400, f"request body is not JSON: {exc}") from exc
+        if not isinstance(parsed, dict):
+            raise HTTPException(400, "request body must be a JSON object")
+        session = service.upstream
+        await service.gate.acquire()
+        version = service.version
+        metrics.in_flight.inc()
+        released = False
+
+        async def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                metrics.in_flight.dec()
+                service.gate.release()
+
+        try:
+            if session is None:
+                raise EngineCallError(503, "engine starting")
+            upstream = await session.post("/v1/completions", data=body, headers=JSON_HEADERS)
+        except TimeoutError as exc:
+            await release()
+            raise EngineCallError(504, f"vLLM /v1/completions timed out: {exc!r}") from exc
+        except aiohttp.ClientError as exc:
+            await release()
+            raise EngineCallError(503, f"vLLM /v1/completions unreachable: {exc!r}") from exc
+        except BaseException:
+            await release()
+            raise
+        headers = {VERSION_HEADER: version}
+        media_type = upstream.headers.get("Content-Type", "application/json")
+        if parsed.get("stream") and upstream.status == 200:
+
+            async def close() -> None:
+                upstream.release()
+                await release()
+
+            return _GatedStream(upstream.content.iter_any(), media_type=media_type, headers=headers, on_close=close)
+        try:
+            content = await upstream.read()
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            raise EngineCallError(502, f"vLLM /v1/completions broke off: {exc!r}") from exc
+        finally:
+            upstream.release()
+            await release()
+        if upstream.status == 200:
+            with contextlib.suppress(ValueError, KeyError, TypeError):
+                metrics.generated_tokens.inc(json.loads(content)["usage"]["completion_tokens"] or 0)
+        return Response(content, status_code=upstream.status, media_type=media_type, headers=headers)
+
+    @app.get("/v1/models")
+    async def models() -> Response:
+        """OpenAI-compatible model list, forwarded to vLLM."""
+        if service.upstream is None:
+            raise EngineCallError(503, "engine starting")
+        try:
+            async with service.upstream.get("/v1/models") as upstream:
+                content, status = await upstream.read(), upstream.status
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            raise EngineCallError(503, f"vLLM /v1/models unreachable: {exc!r}") from exc
+        return Response(content, status_code=status, media_type="application/json")
+
+
+def create_policy_app(settings: PolicySettings | None = None) -> FastAPI:
+    settings = settings or PolicySettings()  # type: ignore[call-arg]
+    service = EngineService(
+        settings,
+        name="policy",
+        runner="generate",
+        extra_vllm_args=["--logprobs-mode", settings.logprobs_mode],
+    )
+    return create_app(service, title="CPL policy service", register=register_policy_routes)

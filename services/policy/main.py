@@ -1,0 +1,20 @@
+"""Entry point of the policy service: ``serve()`` (wired to ``cpl serve policy``), or
+``python -m services.policy.main``. Settings come from ``CPL_POLICY_*`` environment variables; keyword
+arguments override them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from services.common.serve import run_app
+from services.policy.app import create_policy_app
+from services.policy.settings import PolicySettings
+
+
+def serve(**overrides: Any) -> None:
+    settings = PolicySettings(**overrides)
+    run_app("policy", settings, create_policy_app)
+
+
+if __name__ == "__main__":
+    serve()

@@ -1,0 +1,20 @@
+"""Entry point of the value service: ``serve()`` (wired to ``cpl serve value``), or
+``python -m services.value.main``. Settings come from ``CPL_VALUE_*`` environment variables; keyword arguments
+override them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from services.common.serve import run_app
+from services.value.app import create_value_app
+from services.value.settings import ValueSettings
+
+
+def serve(**overrides: Any) -> None:
+    settings = ValueSettings(**overrides)
+    run_app("value", settings, create_value_app)
+
+
+if __name__ == "__main__":
+    serve()
