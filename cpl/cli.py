@@ -27,27 +27,24 @@ def _positive(value: str) -> int:
     return number
 
 
-def default_models_dir() -> Path:
-    return Path("runs/models/tiny")
+PLANNER_DIR = Path(__file__).resolve().parent / "assets" / "planner"
+"""The embedded default model: the toy planner trained by `cpl.toy.train_planner` (docs/toy-world.md)."""
 
 
-def ensure_default_models() -> tuple[Path, Path]:
-    """The embedded default model; built locally (random weights) on first use."""
-    from cpl.models.tiny import build_tiny_models
-
-    out = default_models_dir()
-    policy, value = out / "policy", out / "value"
+def default_models() -> tuple[Path, Path]:
+    policy, value = PLANNER_DIR / "policy", PLANNER_DIR / "value"
     if not (policy / "config.json").is_file() or not (value / "config.json").is_file():
-        print(f"building the default tiny models into {out} ...", file=sys.stderr)
-        build_tiny_models(out)
+        raise CLIError(
+            f"the embedded planner is missing ({PLANNER_DIR}); give --policy and --value, "
+            "or rebuild it with `python -m cpl.toy.train_planner --out cpl/assets/planner`"
+        )
     return policy, value
 
 
-def _model_dir(path: Path | None, kind: str, default: Path) -> Path:
-    model = path or default
-    if not (model / "config.json").is_file():
-        raise CLIError(f"--{kind} {model}: not a model directory (no config.json)")
-    return model
+def _model_dir(path: Path, flag: str) -> Path:
+    if not (path / "config.json").is_file():
+        raise CLIError(f"--{flag} {path}: not a model directory (no config.json)")
+    return path
 
 
 def add_search_arguments(p: argparse.ArgumentParser) -> None:
@@ -118,10 +115,9 @@ def cmd_search(args: argparse.Namespace) -> int:
             raise CLIError("--question is empty")
         problems = [Problem(id=problem_id(args.question), question=args.question, gold=args.answer)]
     config = search_config(args)
-    if args.policy is None or args.value is None:
-        default_policy, default_value = ensure_default_models()
-    policy = _model_dir(args.policy, "policy", args.policy or default_policy)
-    value = _model_dir(args.value, "value", args.value or default_value)
+    default_policy, default_value = default_models() if args.policy is None or args.value is None else (None, None)
+    policy = _model_dir(args.policy or default_policy, "policy")
+    value = _model_dir(args.value or default_value, "value")
     counts = run_library_search(
         problems,
         policy,
@@ -147,10 +143,17 @@ def cmd_models_tiny(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """The README's main job: a small search over three GSM8K questions with the embedded model."""
-    sample = Path(__file__).resolve().parent.parent / "examples" / "gsm8k_sample.jsonl"
+    """The README's main job: the embedded planner searches three held-out toy word problems."""
+    from cpl.toy import world
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    sample = args.out / "problems.jsonl"
+    world.write_gsm8k_jsonl(world.generate("arith", 3, seed=11, split="test"), sample)
     argv = ["search", "--input", str(sample), "--out", str(args.out), "--simulations", str(args.simulations)]
-    return main([*argv, "--max-step-tokens", "96", "--no-few-shot"])
+    code = main([*argv, "--max-step-tokens", "96", "--no-few-shot", "--dtype", "float32"])
+    if code == 0:
+        print(f"problems: {sample}\nlook at a tree: python -m cpl.show {args.out / 'trees'}")
+    return code
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -168,7 +171,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     fmt = PromptFormat(args.format)
     few_shot = not args.no_few_shot
     if args.model is not None:
-        with offline_generator(str(_model_dir(args.model, "model", args.model)), fmt, dtype=args.dtype) as generate:
+        with offline_generator(str(_model_dir(args.model, "model")), fmt, dtype=args.dtype) as generate:
             report = evaluate(problems, generate, fmt=fmt, few_shot=few_shot, max_tokens=args.max_tokens)
     else:
         generate = http_generator(args.policy_url, fmt)
@@ -213,10 +216,10 @@ def cmd_round(args: argparse.Namespace) -> int:
         raise CLIError(str(exc)) from exc
     if not problems:
         raise CLIError(f"{args.input}: no problems in the file")
-    base = _model_dir(args.base, "base", args.base)
+    base = _model_dir(args.base, "base")
     for flag, path in (("search-policy", args.search_policy), ("search-value", args.search_value)):
         if path is not None:
-            _model_dir(path, flag, path)
+            _model_dir(path, flag)
     search = SearchConfig.round_preset(
         args.round,
         few_shot=not args.no_few_shot,
@@ -339,9 +342,9 @@ def build_parser(extensions: Sequence[Extension] = ()) -> argparse.ArgumentParse
     rnd.add_argument("--seed", type=int, default=0)
     rnd.set_defaults(func=cmd_round)
 
-    demo = sub.add_parser("demo", help="search three GSM8K questions with the embedded default model")
+    demo = sub.add_parser("demo", help="the embedded planner searches three toy word problems")
     demo.add_argument("--out", type=Path, default=Path("runs/demo"))
-    demo.add_argument("--simulations", type=_positive, default=8)
+    demo.add_argument("--simulations", type=_positive, default=24)
     demo.set_defaults(func=cmd_demo)
     return parser
 
