@@ -67,7 +67,7 @@ def evaluate(
 
 @contextmanager
 def offline_generator(
-    model_dir: str, fmt: PromptFormat, *, dtype: str = "auto", max_model_len: int = 4096
+    model_dir: str, fmt: PromptFormat, *, dtype: str = "auto", max_model_len: int | None = None
 ) -> Iterator[Generate]:
     """Greedy generation on an in-process vLLM engine, shut down on exit (vLLM starts processes with spawn)."""
     from vllm import LLM, SamplingParams

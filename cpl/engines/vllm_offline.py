@@ -142,7 +142,7 @@ def _is_cpu_platform() -> bool:
 
 def build_engine_kwargs(
     *,
-    max_model_len: int,
+    max_model_len: int | None,
     seed: int,
     dtype: str,
     enforce_eager: bool | None,
@@ -154,7 +154,9 @@ def build_engine_kwargs(
     if enforce_eager is None:
         # torch.compile of the model costs tens of seconds of start-up on a small CPU and buys little there.
         enforce_eager = cpu
-    kwargs: dict[str, Any] = dict(max_model_len=max_model_len, seed=seed, dtype=dtype, enforce_eager=enforce_eager)
+    kwargs: dict[str, Any] = dict(seed=seed, dtype=dtype, enforce_eager=enforce_eager)
+    if max_model_len is not None:  # None: the model's own context length
+        kwargs["max_model_len"] = max_model_len
     if kv_cache_memory_bytes is not None:
         kwargs["kv_cache_memory_bytes"] = kv_cache_memory_bytes
     elif cpu and not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
@@ -244,7 +246,7 @@ class VLLMPolicy(_Engine):
         self,
         model_dir: str | Path,
         *,
-        max_model_len: int = 4096,
+        max_model_len: int | None = None,
         seed: int = 0,
         enable_prefix_caching: bool = True,
         dtype: str = "auto",
@@ -260,7 +262,6 @@ class VLLMPolicy(_Engine):
 
         self.model_dir = Path(model_dir)
         self.model_version = model_version or self.model_dir.name
-        self.max_model_len = max_model_len
         self.extra_sampling = dict(extra_sampling or {})
         self._llm = LLM(
             model=str(self.model_dir),
@@ -276,6 +277,7 @@ class VLLMPolicy(_Engine):
                 extra=engine_kwargs,
             ),
         )
+        self.max_model_len: int = self._llm.llm_engine.model_config.max_model_len
         self._batcher: MicroBatcher[ExpandRequest, ExpandResult | Exception] = MicroBatcher(
             self._generate_batch, window_s=batch_window_s
         )
@@ -367,7 +369,7 @@ class VLLMValue(_Engine):
         self,
         model_dir: str | Path,
         *,
-        max_model_len: int = 4096,
+        max_model_len: int | None = None,
         seed: int = 0,
         enable_prefix_caching: bool = True,
         dtype: str = "auto",
@@ -383,7 +385,6 @@ class VLLMValue(_Engine):
 
         self.model_dir = Path(model_dir)
         self.model_version = model_version or self.model_dir.name
-        self.max_model_len = max_model_len
         self._llm = LLM(
             model=str(self.model_dir),
             runner="pooling",
@@ -399,6 +400,7 @@ class VLLMValue(_Engine):
                 extra=engine_kwargs,
             ),
         )
+        self.max_model_len: int = self._llm.llm_engine.model_config.max_model_len
         self._batcher: MicroBatcher[State, float | Exception] = MicroBatcher(
             self._classify_batch, window_s=batch_window_s
         )
