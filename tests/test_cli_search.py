@@ -113,3 +113,17 @@ def test_malformed_problem_file(tmp_path):
     bad.write_text('{"question": "What?"}\n')
     result = cpl("search", "--input", str(bad), "--out", str(tmp_path / "o"), timeout=120)
     assert result.returncode == 2 and "bad.jsonl:1" in result.stderr
+
+
+@pytest.mark.vllm
+def test_demo_searches_real_plans_with_the_embedded_planner(tmp_path):
+    """README's main job: the shipped planner builds trees of real plans, and some reach the right answer."""
+    result = cpl("demo", "--out", str(tmp_path), "--simulations", "12")
+    assert result.returncode == 0, result.stderr[-3000:]
+    trees = [Tree.model_validate_json(p.read_text()) for p in (tmp_path / "trees").glob("*.json")]
+    assert len(trees) == 3
+    plans = [n for t in trees for n in t.nodes if n.kind is StepKind.PLAN]
+    assert plans and all(n.text.startswith("Plan ") for n in plans)
+    solutions = [n for t in trees for n in t.nodes if n.kind is StepKind.SOLUTION]
+    assert solutions and all(n.answer is not None for n in solutions)  # the planner writes boxed answers
+    assert any(n.correct for n in solutions)
