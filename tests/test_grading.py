@@ -14,7 +14,7 @@ import pytest
 from cpl import grading
 from cpl.grading import extract_answer, gold_answer, is_equivalent
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+DATA = Path(__file__).resolve().parent / "data"
 
 
 def _rows(name: str) -> list[dict[str, Any]]:
