@@ -12,6 +12,7 @@ from typing import Any
 
 from cpl.config import PriorMode, SearchConfig
 from cpl.formats import PromptFormat
+from cpl.problems import Problem
 
 EXIT_USAGE = 2
 
@@ -45,6 +46,18 @@ def _model_dir(path: Path, flag: str) -> Path:
     if not (path / "config.json").is_file():
         raise CLIError(f"--{flag} {path}: not a model directory (no config.json)")
     return path
+
+
+def _problems(path: Path, limit: int | None) -> list[Problem]:
+    from cpl.problems import ProblemFileError, load_problems
+
+    try:
+        problems = load_problems(path, limit=limit)
+    except ProblemFileError as exc:
+        raise CLIError(str(exc)) from exc
+    if not problems:
+        raise CLIError(f"{path}: no problems in the file")
+    return problems
 
 
 def add_search_arguments(p: argparse.ArgumentParser) -> None:
@@ -97,19 +110,14 @@ def search_config(args: argparse.Namespace) -> SearchConfig:
 
 def cmd_search(args: argparse.Namespace) -> int:
     from cpl.library_search import run_library_search
-    from cpl.problems import Problem, ProblemFileError, load_problems, problem_id
+    from cpl.problems import problem_id
 
     if args.answer is not None and args.question is None:
         raise CLIError("--answer goes with --question")
     if args.input is None and args.question is None:
         raise CLIError("give --input FILE.jsonl or --question Q")
     if args.input is not None:
-        try:
-            problems = load_problems(args.input, limit=args.limit)
-        except ProblemFileError as exc:
-            raise CLIError(str(exc)) from exc
-        if not problems:
-            raise CLIError(f"{args.input}: no problems in the file")
+        problems = _problems(args.input, args.limit)
     else:
         if not args.question.strip():
             raise CLIError("--question is empty")
@@ -158,16 +166,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from cpl.evaluation import evaluate, http_generator, offline_generator
-    from cpl.problems import ProblemFileError, load_problems
 
     if (args.model is None) == (args.policy_url is None):
         raise CLIError("give exactly one of --model DIR or --policy-url URL")
-    try:
-        problems = load_problems(args.input, limit=args.limit)
-    except ProblemFileError as exc:
-        raise CLIError(str(exc)) from exc
-    if not problems:
-        raise CLIError(f"{args.input}: no problems in the file")
+    problems = _problems(args.input, args.limit)
     fmt = PromptFormat(args.format)
     few_shot = not args.no_few_shot
     if args.model is not None:
@@ -206,16 +208,10 @@ def cmd_eval_ood(args: argparse.Namespace) -> int:
 
 
 def cmd_round(args: argparse.Namespace) -> int:
-    from cpl.problems import ProblemFileError, load_problems
     from cpl.round import Round, RoundSettings, print_stage
 
-    try:
-        problems = load_problems(args.input, limit=args.limit)
-        eval_problems = load_problems(args.eval_input, limit=args.eval_limit) if args.eval_input else []
-    except ProblemFileError as exc:
-        raise CLIError(str(exc)) from exc
-    if not problems:
-        raise CLIError(f"{args.input}: no problems in the file")
+    problems = _problems(args.input, args.limit)
+    eval_problems = _problems(args.eval_input, args.eval_limit) if args.eval_input else []
     base = _model_dir(args.base, "base")
     for flag, path in (("search-policy", args.search_policy), ("search-value", args.search_value)):
         if path is not None:
