@@ -20,7 +20,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from cpl.formats import Step, StepKind, render_prompt, render_response, render_step
+from cpl.formats import PromptFormat, Step, StepKind, render_prompt, render_response, render_step
 from cpl.schemas import PreferencePair, SFTExample, ValueExample
 from cpl.tree import Node, Tree
 
@@ -35,13 +35,22 @@ def _prompt(tree: Tree, parent: Node) -> str:
     )
 
 
+def _completion(node: Node, fmt: PromptFormat) -> str:
+    """The step as the policy generated it: up to and including its stop marker.
+
+    The newline that `render_step` puts after a marker belongs to the next prompt, not to this step.
+    """
+    assert node.kind is not None
+    return render_step(Step(node.kind, node.text), fmt).removesuffix("\n")
+
+
 def _pair(tree: Tree, parent: Node, chosen: Node, rejected: Node) -> PreferencePair:
     fmt = tree.config.format
     assert chosen.kind is not None and rejected.kind is not None
     return PreferencePair(
         prompt=_prompt(tree, parent),
-        chosen=render_step(Step(chosen.kind, chosen.text), fmt),
-        rejected=render_step(Step(rejected.kind, rejected.text), fmt),
+        chosen=_completion(chosen, fmt),
+        rejected=_completion(rejected, fmt),
         chosen_value=chosen.V,
         rejected_value=rejected.V,
         kind=chosen.kind,

@@ -22,8 +22,8 @@ class SFTExample(BaseModel):
 class PreferencePair(BaseModel):
     """Two sibling steps under one state: ``prompt + chosen`` beats ``prompt + rejected``.
 
-    ``chosen``/``rejected`` are the steps as rendered in a response (text + stop marker), so that TRL-style
-    tools that concatenate prompt and completion see exactly what the policy generated.
+    ``chosen``/``rejected`` are the steps as the policy generated them (text + stop marker), so that TRL-style
+    tools that concatenate prompt and completion score exactly the generated tokens.
     """
 
     prompt: str

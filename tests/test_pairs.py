@@ -36,7 +36,7 @@ def test_plan_pairs_by_hand():
     assert got == [(0, 1, 2, 0.6, -0.4), (0, 1, 3, 0.6, -0.2), (2, 7, 8, 0.2, -0.5)]
     first = pairs[0]
     assert first.prompt == "Question: What is 2+3?\n\nPlans:\n"
-    assert (first.chosen, first.rejected) == ("Plan 1: a<endstep>\n", "Plan 1: b<endstep>\n")
+    assert (first.chosen, first.rejected) == ("Plan 1: a<endstep>", "Plan 1: b<endstep>")
     assert first.kind is StepKind.PLAN and first.depth == 1 and first.tree_id == "hand"
     assert pairs[2].prompt == "Question: What is 2+3?\n\nPlans:\nPlan 1: b<endstep>\n" and pairs[2].depth == 2
 
@@ -93,7 +93,7 @@ def test_xml_pairs_render_xml_steps():
     tree.config = tree.config.model_copy(update={"format": PromptFormat.XML})
     pair = plan_pairs(tree)[0]
     assert pair.prompt == "<question>\nWhat is 2+3?\n</question>\n<plan>\n"
-    assert pair.chosen == "<step>\nPlan 1: a\n</step>\n"
+    assert pair.chosen == "<step>\nPlan 1: a\n</step>"
 
 
 def test_export_writes_all_four_files(tmp_path):

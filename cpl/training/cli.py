@@ -75,7 +75,7 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
         p.add_argument("--warmup-ratio", type=float, help="warmup fraction of the steps (default 0.1)")
         p.add_argument("--lr-scheduler", choices=["cosine", "linear", "constant"])
         p.add_argument("--weight-decay", type=float)
-        p.add_argument("--max-grad-norm", type=float)
+        p.add_argument("--max-grad-norm", type=float, help="gradient clipping (default 1.0; 0 disables)")
         p.add_argument("--seed", type=int)
         p.add_argument("--no-shuffle", action="store_true")
         p.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
@@ -116,7 +116,7 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
         "warmup_ratio": args.warmup_ratio,
         "lr_scheduler": args.lr_scheduler,
         "weight_decay": args.weight_decay,
-        "max_grad_norm": args.max_grad_norm,
+        "max_grad_norm": args.max_grad_norm or None,
         "seed": args.seed,
         "shuffle": False if args.no_shuffle else None,
         "device": args.device,
@@ -138,7 +138,10 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
         overrides["solution_value_scale"] = args.solution_value_scale
     if kind == "value":
         overrides["head_learning_rate"] = args.head_lr
-    return config_for(kind, **overrides)
+    config = config_for(kind, **overrides)
+    if args.max_grad_norm == 0:
+        config = config.model_copy(update={"max_grad_norm": None})
+    return config
 
 
 def _validation_message(exc: ValidationError) -> str:

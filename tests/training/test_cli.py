@@ -54,6 +54,7 @@ def test_sft_round_presets():
     assert (config().epochs, config().learning_rate, config().batch_size) == (5, 1e-5, 512)
     assert config("--round", "2").epochs == 3
     assert config("--round", "2", "--epochs", "7").epochs == 7
+    assert config().max_grad_norm == 1.0 and config("--max-grad-norm", "0").max_grad_norm is None
 
 
 BAD_INPUTS = {
