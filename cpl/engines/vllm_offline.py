@@ -183,6 +183,14 @@ class _Engine:
     max_model_len: int
     model_version: str
 
+    def _open(self, model_dir: str | Path, model_version: str | None, **llm_kwargs: Any) -> None:
+        from vllm import LLM
+
+        self.model_dir = Path(model_dir)
+        self.model_version = model_version or self.model_dir.name
+        self._llm = LLM(model=str(self.model_dir), **llm_kwargs)
+        self.max_model_len = self._llm.llm_engine.model_config.max_model_len
+
     def _tokenize(self, texts: list[str]) -> list[list[int]]:
         tokenizer = self._llm.get_tokenizer()
         return [list(ids) for ids in tokenizer(texts).input_ids]
@@ -258,13 +266,10 @@ class VLLMPolicy(_Engine):
         batch_window_s: float = 0.001,
         engine_kwargs: Mapping[str, Any] | None = None,
     ) -> None:
-        from vllm import LLM
-
-        self.model_dir = Path(model_dir)
-        self.model_version = model_version or self.model_dir.name
         self.extra_sampling = dict(extra_sampling or {})
-        self._llm = LLM(
-            model=str(self.model_dir),
+        self._open(
+            model_dir,
+            model_version,
             runner="generate",
             enable_prefix_caching=enable_prefix_caching,
             **build_engine_kwargs(
@@ -277,7 +282,6 @@ class VLLMPolicy(_Engine):
                 extra=engine_kwargs,
             ),
         )
-        self.max_model_len: int = self._llm.llm_engine.model_config.max_model_len
         self._batcher: MicroBatcher[ExpandRequest, ExpandResult | Exception] = MicroBatcher(
             self._generate_batch, window_s=batch_window_s
         )
@@ -380,13 +384,11 @@ class VLLMValue(_Engine):
         batch_window_s: float = 0.001,
         engine_kwargs: Mapping[str, Any] | None = None,
     ) -> None:
-        from vllm import LLM
         from vllm.config import PoolerConfig
 
-        self.model_dir = Path(model_dir)
-        self.model_version = model_version or self.model_dir.name
-        self._llm = LLM(
-            model=str(self.model_dir),
+        self._open(
+            model_dir,
+            model_version,
             runner="pooling",
             pooler_config=PoolerConfig(use_activation=False),
             enable_prefix_caching=enable_prefix_caching,
@@ -400,7 +402,6 @@ class VLLMValue(_Engine):
                 extra=engine_kwargs,
             ),
         )
-        self.max_model_len: int = self._llm.llm_engine.model_config.max_model_len
         self._batcher: MicroBatcher[State, float | Exception] = MicroBatcher(
             self._classify_batch, window_s=batch_window_s
         )
