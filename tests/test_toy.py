@@ -25,9 +25,6 @@ FORMATS = list(PromptFormat)
 N = 150
 ASSETS = Path(__file__).resolve().parents[1] / "cpl" / "assets" / "planner"
 POLICY, VALUE = ASSETS / "policy", ASSETS / "value"
-needs_model = pytest.mark.skipif(
-    not (POLICY / "model.safetensors").is_file(), reason="no shipped planner in cpl/assets/planner"
-)
 
 
 @pytest.fixture(scope="module", params=world.FAMILIES)
@@ -305,7 +302,6 @@ def shipped_tokenizer():
     return AutoTokenizer.from_pretrained(POLICY)
 
 
-@needs_model
 def test_shipped_tokenizer_knows_the_markers(shipped_tokenizer):
     tok = shipped_tokenizer
     special = set(tok.all_special_tokens)
@@ -320,7 +316,6 @@ def test_shipped_tokenizer_knows_the_markers(shipped_tokenizer):
     assert len(tok.encode("123", add_special_tokens=False)) == 3
 
 
-@needs_model
 def test_shipped_model_loads_and_solves_a_problem(shipped_tokenizer):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
@@ -345,7 +340,6 @@ def test_shipped_model_loads_and_solves_a_problem(shipped_tokenizer):
         assert extract_answer(steps[-1].text) is not None
 
 
-@needs_model
 def test_model_card_reports_accuracy_and_command():
     card = (ASSETS / "MODEL_CARD.md").read_text()
     assert "python -m cpl.toy.train_planner" in card
@@ -354,7 +348,6 @@ def test_model_card_reports_accuracy_and_command():
     assert 0.0 <= info["eval"]["arith"]["accuracy"] <= 1.0
 
 
-@needs_model
 @pytest.mark.vllm
 def test_shipped_model_serves_in_vllm():
     from vllm import LLM, SamplingParams
