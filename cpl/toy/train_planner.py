@@ -273,10 +273,25 @@ def _size_mb(path: Path) -> float:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 1e6
 
 
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.0%}"
+
+
 def write_model_card(out: Path, info: dict, results: dict, command: str) -> None:
     policy, value = out / "policy", out / "value"
     cfg = info["config"]
-    rows = "\n".join(f"| {name} | {r['n']} | {r['accuracy']:.1%} | {r['boxed']:.1%} |" for name, r in results.items())
+
+    def split(r: dict) -> str:
+        if r.get("n_with_trap") is None:
+            return "n/a"
+        return (
+            f"{_pct(r.get('accuracy_without_trap'))} of {r['n_without_trap']} / "
+            f"{_pct(r.get('accuracy_with_trap'))} of {r['n_with_trap']}"
+        )
+
+    rows = "\n".join(
+        f"| {name} | {r['n']} | {r['accuracy']:.1%} | {r['boxed']:.1%} | {split(r)} |" for name, r in results.items()
+    )
     text = f"""# Embedded default planner (toy world)
 
 A tiny Llama trained from scratch on CPU on the toy world's plan-formatted solutions (`cpl.toy.world`,
@@ -305,11 +320,13 @@ demonstrator, seed {cfg["seed"]} |
 
     python -m cpl.toy.evaluate --model {policy} --n {results.get("arith", {}).get("n", 100)}
 
-| family | problems | accuracy | answered (boxed) |
-| --- | --- | --- | --- |
+| family | problems | accuracy | answered (boxed) | without / with an inverted comparison |
+| --- | --- | --- | --- | --- |
 {rows}
 
-`arith` is in-domain; the others are out-of-domain (never trained on).
+`arith` is in-domain; the others are out-of-domain (never trained on; add `--family units` etc. to the
+command). An inverted comparison ("Ann has 3 more apples than Ben" with Ann the one known) is the critical
+plan step of the toy world, which the training corpus's demonstrator misreads 60% of the time.
 """
     (out / "MODEL_CARD.md").write_text(text)
 
