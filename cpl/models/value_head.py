@@ -19,7 +19,7 @@ import torch
 SCORE_INIT_STD = 0.02
 """Standard deviation of the fresh score head (small, so that untrained values stay near 0)."""
 
-_TOKENIZER_FILES = (
+TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
     "special_tokens_map.json",
@@ -29,6 +29,7 @@ _TOKENIZER_FILES = (
     "added_tokens.json",
     "chat_template.jinja",
 )
+"""Files that make up a saved HF tokenizer (whichever of them exist are copied with a checkpoint)."""
 
 
 def value_from_logit(x: float | torch.Tensor) -> float | torch.Tensor:
@@ -39,7 +40,7 @@ def value_from_logit(x: float | torch.Tensor) -> float | torch.Tensor:
 
 
 def _copy_tokenizer(src: Path, dst: Path) -> None:
-    for name in _TOKENIZER_FILES:
+    for name in TOKENIZER_FILES:
         if (src / name).is_file():
             shutil.copy2(src / name, dst / name)
 

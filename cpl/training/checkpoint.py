@@ -17,22 +17,12 @@ from typing import Any
 
 from torch import nn
 
+from cpl.models.value_head import TOKENIZER_FILES
 from cpl.training.data import TrainingInputError
 
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
 TRAIN_LOG = "train_log.jsonl"
-
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "tokenizer.model",
-    "vocab.json",
-    "merges.txt",
-    "added_tokens.json",
-    "chat_template.jinja",
-)
 
 
 def read_manifest(model_dir: Path) -> dict[str, Any] | None:
