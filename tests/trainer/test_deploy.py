@@ -15,6 +15,7 @@ import shutil
 import signal
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,13 +83,33 @@ def stack(tmp_path_factory):
     shutil.copytree(root / "sft-1", root2 / "sft-1")
 
     logs = tmp_path_factory.mktemp("deploy_logs")
+    launches = [
+        ("services.policy.main", "CPL_POLICY_", r / "A" / "policy", logs / f"policy{i}.log", r)
+        for i, r in enumerate([root, root2])
+    ] + [("services.value.main", "CPL_VALUE_", value_a, logs / "value.log", root)]
     started: list[RunningService] = []
     try:
-        for i, r in enumerate([root, root2]):
-            env = {f"CPL_POLICY_{k}": v for k, v in SMALL.items()} | {"CPL_POLICY_MODEL": str(r / "A" / "policy")}
-            started.append(_start("services.policy.main", "CPL_POLICY_", env, logs / f"policy{i}.log", r))
-        env = {f"CPL_VALUE_{k}": v for k, v in SMALL.items()} | {"CPL_VALUE_MODEL": str(value_a)}
-        started.append(_start("services.value.main", "CPL_VALUE_", env, logs / "value.log", root))
+        # started side by side: each start spends most of its time waiting on its own vLLM child
+        with ThreadPoolExecutor(len(launches)) as pool:
+            futures = [
+                pool.submit(
+                    _start,
+                    module,
+                    prefix,
+                    {f"{prefix}{k}": v for k, v in SMALL.items()} | {f"{prefix}MODEL": str(m)},
+                    log,
+                    r,
+                )
+                for module, prefix, m, log, r in launches
+            ]
+            errors = []
+            for future in futures:
+                try:
+                    started.append(future.result())
+                except Exception as exc:
+                    errors.append(exc)
+            if errors:
+                raise errors[0]
         settings = settings.model_copy(
             update={"policy_replicas": [s.url for s in started[:2]], "value_replicas": [started[2].url]}
         )
