@@ -23,6 +23,7 @@ from pydantic import BaseModel
 from cpl.formats import PromptFormat, Step, StepKind, render_prompt, render_response, render_step
 from cpl.schemas import PreferencePair, SFTExample, ValueExample
 from cpl.tree import Node, Tree
+from cpl.values import clamp_value
 
 
 def has_search_value(node: Node) -> bool:
@@ -116,7 +117,7 @@ def value_examples(tree: Tree) -> list[ValueExample]:
     return [
         ValueExample(
             text=tree.state(node).value_prompt(),
-            value=max(-1.0, min(1.0, node.V)),
+            value=clamp_value(node.V),
             tree_id=tree.id,
             node_id=node.id,
             depth=node.depth,

@@ -4,19 +4,19 @@ Value checkpoints are ``*ForSequenceClassification`` with ``num_labels=1`` (:mod
 vLLM's ``classify`` task applies an activation by default (sigmoid for one label); the server is started with
 ``--pooler-config '{"seq_pooling_type": "LAST", "use_activation": false}'`` and every request also sends
 ``use_activation: false``, so vLLM returns the raw logit of the score head on the last token, and the gateway
-returns V = tanh(logit) (:func:`cpl.models.value_head.value_from_logit`). The text scored is
+returns V = tanh(logit) (:func:`cpl.values.value_from_logit`). The text scored is
 :meth:`cpl.protocols.State.value_prompt`.
 """
 
 from __future__ import annotations
 
 import json
-import math
 from typing import Any
 
 from fastapi import FastAPI, HTTPException, Response
 
 from cpl.protocols import ValueResult
+from cpl.values import value_from_logit
 from services.common.app import VERSION_HEADER, create_app, gather_all, post_upstream
 from services.common.engine import EngineCallError, EngineService
 from services.value.schemas import ValuesRequest, ValuesResponse
@@ -68,7 +68,7 @@ def register_value_routes(app: FastAPI, service: EngineService) -> None:
             for x in logits_from_classification(answer, len(chunk))
         ]
         metrics.states.labels("/v1/values").inc(len(texts))
-        values = [ValueResult(value=max(-1.0, min(1.0, math.tanh(x))), model_version=version) for x in logits]
+        values = [ValueResult(value=value_from_logit(x), model_version=version) for x in logits]
         body = ValuesResponse.model_construct(values=values, model_version=version).model_dump_json()
         return Response(body, media_type="application/json", headers={VERSION_HEADER: version})
 
