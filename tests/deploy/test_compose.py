@@ -75,6 +75,9 @@ def test_cpu_profile_runs_the_same_stack_without_gpus() -> None:
     assert services["policy-cpu"]["environment"]["CPL_POLICY_MODEL"] == "/opt/cpl/planner/policy"
     assert services["value-cpu"]["environment"]["CPL_VALUE_MODEL"] == "/opt/cpl/planner/value"
     assert services["policy-cpu"]["build"]["target"] == "cpu-serving"
+    for name, service in services.items():
+        if service.get("image", "").startswith("cpl-"):
+            assert "build" in service, f"{name} would pull an image that another service builds"
 
 
 @pytest.mark.parametrize("name", GATEWAYS)
