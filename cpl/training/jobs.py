@@ -40,6 +40,7 @@ from cpl.training.logps import completion_logps, concat_batch, pad, pair_batch, 
 from cpl.training.loop import fit
 from cpl.training.resume import FitHooks, bind_hooks
 from cpl.training.runtime import Forward, Runtime, TrainEngine, resolve_runtime
+from cpl.values import value_from_logit
 
 log = logging.getLogger(__name__)
 
@@ -411,7 +412,7 @@ def train_preference(
 def _value_forward(model: nn.Module, **batch: Tensor) -> Tensor:
     """V = tanh(score logit on the last non-pad token), float32, ``[B]``."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    return torch.tanh(logits[:, 0].float())
+    return value_from_logit(logits[:, 0].float())
 
 
 class ValueJob:

@@ -16,14 +16,11 @@ import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from services.common.errors import APIError
 
-class CheckpointError(Exception):
+
+class CheckpointError(APIError):
     """A checkpoint path or checkpoint that cannot be swapped in; ``status`` is the HTTP status to answer."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
 
 
 # Config fields that decide the module tree, the tensor shapes or the forward computation. The engine's config is
