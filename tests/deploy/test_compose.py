@@ -119,3 +119,18 @@ def test_secrets_come_from_files_never_from_the_compose_file() -> None:
     assert holders == {"policy", "value", "policy-cpu", "value-cpu", "train-worker", "train-worker-cpu"}
     gitignore = (COMPOSE_FILE.parent / ".gitignore").read_text().split()
     assert "secrets/" in gitignore
+
+
+def test_references_resolve() -> None:
+    """What the schema cannot see: depends_on, secrets and named volumes point at things that exist."""
+    compose = load_compose()
+    services = compose["services"]
+    for name, service in services.items():
+        for dep in service.get("depends_on", {}):
+            assert dep in services, f"{name} depends on unknown service {dep}"
+        for secret in service.get("secrets", []):
+            assert secret in compose["secrets"], f"{name}: unknown secret {secret}"
+        for volume in service.get("volumes", []):
+            source = volume.split(":")[0]
+            if not source.startswith((".", "/")):
+                assert source in compose["volumes"], f"{name}: undeclared volume {source}"
