@@ -100,6 +100,12 @@ def test_search_starts_after_redis_and_ready_inference_services() -> None:
     assert services["search-api"]["healthcheck"]["test"][-1].endswith("/ready")
 
 
+def test_search_workers_outlive_a_task_slice_on_shutdown() -> None:
+    worker = load_compose()["services"]["search-worker"]
+    slice_s = float(worker["environment"]["CPL_SEARCH_SLICE_SECONDS"])
+    assert int(worker["stop_grace_period"].removesuffix("s")) > slice_s + 60
+
+
 def test_checkpoints_are_shared_by_trainer_and_servers() -> None:
     services = load_compose()["services"]
     assert "checkpoints:/checkpoints" in services["train-worker"]["volumes"]

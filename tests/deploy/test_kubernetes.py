@@ -144,10 +144,12 @@ def test_gpu_gateways_get_more_shared_memory_than_dev() -> None:
     assert (shm("gpu"), shm("dev-cpu")) == ("16Gi", "1Gi")
 
 
-def test_search_workers_outlive_a_task_slice_on_shutdown() -> None:
-    spec = pod_spec(find(render("gpu"), "Deployment", "search-worker"))
-    # One slice (300 s) plus the worker's soft shutdown (60 s), docs/deploy.md.
-    assert spec["terminationGracePeriodSeconds"] > 360
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_search_workers_outlive_a_task_slice_on_shutdown(overlay: str) -> None:
+    spec = pod_spec(find(render(overlay), "Deployment", "search-worker"))
+    env = {e["name"]: e.get("value") for e in spec["containers"][0]["env"]}
+    # One slice plus 60 s for the last snapshot and the exit, docs/deploy.md.
+    assert spec["terminationGracePeriodSeconds"] > float(env["CPL_SEARCH_SLICE_SECONDS"]) + 60
 
 
 def test_redis_is_a_stateful_set_with_aof_and_noeviction() -> None:
@@ -164,7 +166,7 @@ def test_external_redis_overlay_has_no_redis_and_reads_the_url_from_a_secret() -
     for obj in workloads(objects):
         for c in pod_spec(obj)["containers"]:
             for e in c.get("env", []):
-                if e["name"] == "CPL_REDIS_URL":
+                if e["name"] == "CPL_SEARCH_REDIS_URL":
                     assert "value" not in e
                     assert e["valueFrom"]["secretKeyRef"] == {"name": "cpl-redis-url", "key": "url"}
 
