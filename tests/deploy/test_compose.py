@@ -123,6 +123,8 @@ def test_secrets_come_from_files_never_from_the_compose_file() -> None:
     # Only the trainer side holds the gateways' admin token besides the gateways themselves.
     holders = {n for n, s in compose["services"].items() if "admin_token" in s.get("secrets", [])}
     assert holders == {"policy", "value", "policy-cpu", "value-cpu", "train-worker", "train-worker-cpu"}
+    # The API keys only where requests are checked.
+    assert {n for n, s in compose["services"].items() if "search_api_key" in s.get("secrets", [])} == {"search-api"}
     gitignore = (COMPOSE_FILE.parent / ".gitignore").read_text().split()
     assert "secrets/" in gitignore
 
