@@ -28,11 +28,13 @@ PENDING: dict[str, dict[str, list]] = {
         "landed_if_parses": [["cpl", "serve", "search"], ["cpl", "worker"]],
         "commands": [["cpl", "serve", "search"], ["cpl", "worker"]],
         "settings": [
-            "CPL_REDIS_URL",
+            "CPL_SEARCH_REDIS_URL",
             "CPL_SEARCH_PORT",
             "CPL_SEARCH_POLICY_URL",
             "CPL_SEARCH_VALUE_URL",
-            "CPL_SEARCH_API_KEY_FILE",
+            "CPL_SEARCH_API_KEYS_FILE",
+            "CPL_SEARCH_ADMIN_TOKEN_FILE",
+            "CPL_SEARCH_SLICE_SECONDS",
         ],
     },
     "train worker (issue 12)": {
@@ -42,7 +44,6 @@ PENDING: dict[str, dict[str, list]] = {
         "commands": [["cpl", "worker", "--queues", "train"]],
         "settings": [
             "CPL_TRAIN_CHECKPOINT_ROOT",
-            "CPL_TRAIN_ADMIN_TOKEN_FILE",
             "CPL_TRAIN_POLICY_URL",
             "CPL_TRAIN_VALUE_URL",
         ],
