@@ -17,8 +17,8 @@ from fastapi import FastAPI, HTTPException, Response
 
 from cpl.protocols import ValueResult
 from cpl.values import value_from_logit
-from services.common.app import VERSION_HEADER, create_app, gather_all, post_upstream
-from services.common.engine import EngineCallError, EngineService
+from services.gateway.app import VERSION_HEADER, create_gateway_app, gather_all, post_upstream
+from services.gateway.vllm_gateway import VLLMCallError, VLLMGateway
 from services.value.schemas import ValuesRequest, ValuesResponse
 from services.value.settings import ValueSettings
 
@@ -32,16 +32,16 @@ def classify_payload(texts: list[str], model: str) -> dict[str, Any]:
 def logits_from_classification(response: dict[str, Any], expected: int) -> list[float]:
     data = sorted(response["data"], key=lambda d: d["index"])
     if len(data) != expected:
-        raise EngineCallError(502, f"vLLM /classify returned {len(data)} results for {expected} inputs")
+        raise VLLMCallError(502, f"vLLM /classify returned {len(data)} results for {expected} inputs", service="value")
     logits = []
     for item in data:
         if item.get("num_classes", len(item["probs"])) != 1:
-            raise EngineCallError(502, f"value model has {item.get('num_classes')} labels, expected 1")
+            raise VLLMCallError(502, f"value model has {item.get('num_classes')} labels, expected 1", service="value")
         logits.append(float(item["probs"][0]))
     return logits
 
 
-def register_value_routes(app: FastAPI, service: EngineService) -> None:
+def register_value_routes(app: FastAPI, service: VLLMGateway) -> None:
     settings: ValueSettings = service.settings  # type: ignore[assignment]
     model_name = settings.served_model_name
     metrics = service.metrics
@@ -75,10 +75,10 @@ def register_value_routes(app: FastAPI, service: EngineService) -> None:
 
 def create_value_app(settings: ValueSettings | None = None) -> FastAPI:
     settings = settings or ValueSettings()  # type: ignore[call-arg]
-    service = EngineService(
+    service = VLLMGateway(
         settings,
         name="value",
         runner="pooling",
         extra_vllm_args=["--pooler-config", json.dumps(POOLER_CONFIG)],
     )
-    return create_app(service, title="CPL value service", register=register_value_routes)
+    return create_gateway_app(service, title="CPL value service", register=register_value_routes)
