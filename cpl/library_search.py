@@ -18,6 +18,7 @@ from cpl.mcts import MCTS
 from cpl.pairs import export_datasets
 from cpl.problems import Problem
 from cpl.protocols import PolicyModel, ValueModel
+from cpl.search_stats import compute_stats, write_stats
 from cpl.tree import Tree
 
 log = logging.getLogger(__name__)
@@ -57,7 +58,8 @@ async def search_problems(
     max_concurrent: int = 32,
     show_progress: bool = True,
 ) -> dict[str, int]:
-    """Search every problem (resuming saved trees), then export the four datasets. Returns dataset sizes."""
+    """Search every problem (resuming saved trees), then export the four datasets and ``stats.json`` (Table 1,
+    `cpl.search_stats`). Returns dataset sizes."""
     mcts = MCTS(policy, value, config)
     trees = [load_or_create(mcts, out, p) for p in problems]
     total = sum(config.simulations for _ in trees)
@@ -76,7 +78,9 @@ async def search_problems(
         bar.close()
     for tree in trees:
         save_tree(out, tree)
-    return export_datasets(trees, out)
+    counts = export_datasets(trees, out)
+    write_stats(out, compute_stats(trees, counts))
+    return counts
 
 
 def run_library_search(
