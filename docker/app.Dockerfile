@@ -35,7 +35,7 @@ RUN pip install ".[cpu]" \
 # --- runtime ---------------------------------------------------------------------------------------------
 FROM ${PYTHON_IMAGE} AS runtime-base
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends tini=0.19.0-1 \
+    && apt-get install -y --no-install-recommends tini=0.19.0-1+b3 \
     && rm -rf /var/lib/apt/lists/* \
     && useradd --uid 10001 --create-home --home-dir /home/cpl --shell /usr/sbin/nologin cpl \
     && mkdir -p /models /checkpoints /data \
@@ -60,6 +60,10 @@ HEALTHCHECK --interval=15s --timeout=5s --start-period=60s --retries=3 \
 CMD ["cpl", "serve", "search"]
 
 FROM runtime-base AS cpu-serving
+# vLLM's CPU kernels link libnuma (versions: Debian bookworm's, the base image's release).
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends libnuma1=2.0.16-1 \
+    && rm -rf /var/lib/apt/lists/*
 COPY --from=build-cpu /opt/venv /opt/venv
 USER 10001:10001
 ENV HEALTHCHECK_URL=http://127.0.0.1:8001/ready
