@@ -28,6 +28,9 @@ def _positive(value: str) -> int:
     return number
 
 
+positive_int = _positive
+"""argparse type of a positive integer (for the service layer's commands)."""
+
 PLANNER_DIR = Path(__file__).resolve().parent / "assets" / "planner"
 """The embedded default model: the toy planner trained by `cpl.toy.train_planner` (docs/toy-world.md)."""
 
@@ -165,45 +168,26 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from cpl.evaluation import evaluate, http_generator, offline_generator
+    from cpl.evaluation import evaluate, offline_generator
 
-    if (args.model is None) == (args.policy_url is None):
-        raise CLIError("give exactly one of --model DIR or --policy-url URL")
+    policy_url = getattr(args, "policy_url", None)  # added by the service layer (services/policy/evaluation.py)
+    if (args.model is None) == (policy_url is None):
+        raise CLIError(
+            "give exactly one of --model DIR or --policy-url URL" if hasattr(args, "policy_url") else "give --model DIR"
+        )
     problems = _problems(args.input, args.limit)
     fmt = PromptFormat(args.format)
-    few_shot = not args.no_few_shot
     if args.model is not None:
         with offline_generator(str(_model_dir(args.model, "model")), fmt, dtype=args.dtype) as generate:
-            report = evaluate(problems, generate, fmt=fmt, few_shot=few_shot, max_tokens=args.max_tokens)
+            report = evaluate(problems, generate, fmt=fmt, few_shot=args.few_shot, max_tokens=args.max_tokens)
     else:
-        generate = http_generator(args.policy_url, fmt)
-        report = evaluate(problems, generate, fmt=fmt, few_shot=few_shot, max_tokens=args.max_tokens)
+        generate = args.remote_generator(policy_url, fmt)
+        report = evaluate(problems, generate, fmt=fmt, few_shot=args.few_shot, max_tokens=args.max_tokens)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(report.model_dump_json(indent=2))
-    print(f"accuracy {report.accuracy:.4f} ({report.correct}/{report.total}) on {args.input}")
-    return 0
-
-
-def cmd_eval_ood(args: argparse.Namespace) -> int:
-    from cpl.ood_eval import run_lm_eval
-
-    tasks = [t for t in args.tasks.split(",") if t]
-    if not tasks:
-        raise CLIError("--tasks is empty")
-    results = run_lm_eval(
-        args.base_url,
-        args.tokenizer,
-        tasks,
-        include_path=args.include_path,
-        limit=args.limit,
-        num_fewshot=args.num_fewshot,
-    )
-    text = json.dumps(results, indent=2, default=str)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
-    print(text)
+    shots = "few-shot" if args.few_shot else "zero-shot"
+    print(f"accuracy {report.accuracy:.4f} ({report.correct}/{report.total}) on {args.input}, {shots}")
     return 0
 
 
@@ -251,6 +235,7 @@ def cmd_round(args: argparse.Namespace) -> int:
             micro_batch_size=micro,
         ),
         eval_max_tokens=args.eval_max_tokens,
+        eval_few_shot=args.eval_few_shot,
         seed=args.seed,
     )
     records = Round(args.run_dir, settings, problems, eval_problems).run_all(on_stage=print_stage)
@@ -263,8 +248,9 @@ def cmd_round(args: argparse.Namespace) -> int:
 
 
 Extension = Callable[[Any], Any]
-"""Adds sub-commands to the ``cpl`` parser; the service layer uses it to add ``cpl serve`` (the library itself
-knows nothing about services)."""
+"""Adds sub-commands (or options of the library's sub-commands) to the ``cpl`` parser; the service layer uses it
+to add ``cpl serve``, ``cpl eval --policy-url`` and ``cpl eval-ood`` (the library itself knows nothing about
+services and speaks no HTTP)."""
 
 
 def build_parser(extensions: Sequence[Extension] = ()) -> argparse.ArgumentParser:
@@ -274,8 +260,6 @@ def build_parser(extensions: Sequence[Extension] = ()) -> argparse.ArgumentParse
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
     add_train_parser(sub)
-    for extend in extensions:
-        extend(sub)
 
     search = sub.add_parser("search", help="MCTS over plan steps, in-process on vLLM")
     add_search_arguments(search)
@@ -288,28 +272,21 @@ def build_parser(extensions: Sequence[Extension] = ()) -> argparse.ArgumentParse
     tiny.add_argument("--seed", type=int, default=0)
     tiny.set_defaults(func=cmd_models_tiny)
 
-    ev = sub.add_parser("eval", help="zero-shot accuracy on GSM8K/MATH-format JSONL")
-    target = ev.add_mutually_exclusive_group()
-    target.add_argument("--model", type=Path, help="policy model directory (in-process vLLM)")
-    target.add_argument("--policy-url", help="a running policy service or OpenAI-compatible server")
+    ev = sub.add_parser("eval", help="accuracy on GSM8K/MATH-format JSONL (zero-shot, as the paper reports it)")
+    ev.add_argument("--model", type=Path, help="policy model directory (in-process vLLM)")
     ev.add_argument("--input", type=Path, required=True)
     ev.add_argument("--limit", type=_positive)
     ev.add_argument("--format", choices=[f.value for f in PromptFormat], default=PromptFormat.PLAIN.value)
-    ev.add_argument("--no-few-shot", action="store_true")
+    ev.add_argument(
+        "--few-shot",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="prepend the appendix A.1 demonstrations (default: zero-shot, paper §4.2)",
+    )
     ev.add_argument("--max-tokens", type=_positive, default=512)
     ev.add_argument("--dtype", default="auto")
     ev.add_argument("--out", type=Path, help="write the per-problem report as JSON")
     ev.set_defaults(func=cmd_eval)
-
-    ood = sub.add_parser("eval-ood", help="lm-eval harness (ARC-C, BBH, MMLU-STEM) against an OpenAI endpoint")
-    ood.add_argument("--base-url", required=True, help="server root, e.g. http://127.0.0.1:8000")
-    ood.add_argument("--tokenizer", type=Path, required=True, help="local tokenizer directory")
-    ood.add_argument("--tasks", default="arc_challenge,bbh,mmlu_stem")
-    ood.add_argument("--include-path", type=Path, help="directory of local task YAMLs (no dataset hub here)")
-    ood.add_argument("--limit", type=_positive)
-    ood.add_argument("--num-fewshot", type=int)
-    ood.add_argument("--out", type=Path)
-    ood.set_defaults(func=cmd_eval_ood)
 
     rnd = sub.add_parser("round", help="one CPL round in-process: search, extract, train, evaluate (resumable)")
     rnd.add_argument("--base", type=Path, required=True, help="base policy model directory")
@@ -335,6 +312,12 @@ def build_parser(extensions: Sequence[Extension] = ()) -> argparse.ArgumentParse
         rnd.add_argument(f"--{prefix}-lr", type=float)
     rnd.add_argument("--micro-batch-size", type=_positive)
     rnd.add_argument("--eval-max-tokens", type=_positive, default=256)
+    rnd.add_argument(
+        "--eval-few-shot",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="prepend the demonstrations when evaluating (default: zero-shot, paper §4.2)",
+    )
     rnd.add_argument("--seed", type=int, default=0)
     rnd.set_defaults(func=cmd_round)
 
@@ -342,6 +325,10 @@ def build_parser(extensions: Sequence[Extension] = ()) -> argparse.ArgumentParse
     demo.add_argument("--out", type=Path, default=Path("runs/demo"))
     demo.add_argument("--simulations", type=_positive, default=24)
     demo.set_defaults(func=cmd_demo)
+
+    # After the library's commands, so that an extension may also add options to one of them.
+    for extend in extensions:
+        extend(sub)
     return parser
 
 

@@ -47,6 +47,9 @@ class RoundSettings(BaseModel):
     preference: dict[str, Any] = Field(default_factory=dict, description="PreferenceConfig overrides")
     value: dict[str, Any] = Field(default_factory=dict, description="ValueConfig overrides")
     eval_max_tokens: int = 256
+    eval_few_shot: bool = Field(
+        default=False, description="prepend the demonstrations at evaluation (default zero-shot, paper §4.2)"
+    )
     seed: int = 0
 
 
@@ -201,7 +204,7 @@ class Round:
                     self.eval_problems,
                     generate,
                     fmt=fmt,
-                    few_shot=self.settings.search.few_shot,
+                    few_shot=self.settings.eval_few_shot,
                     max_tokens=self.settings.eval_max_tokens,
                 )
             accuracy[name] = report.accuracy

@@ -12,6 +12,7 @@ above all, which must not appear on a command line) comes from the environment. 
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -80,7 +81,13 @@ def run_serve(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """The ``cpl`` console script: the library's commands plus ``cpl serve``."""
+    """The ``cpl`` console script: the library's commands plus ``cpl serve`` and the evaluations over HTTP
+    (``cpl eval --policy-url``, ``cpl eval-ood``)."""
     from cpl.cli import main as cpl_main
+    from services.policy.evaluation import add_eval_commands
 
-    return cpl_main(argv, extensions=[add_serve_parser])
+    return cpl_main(argv, extensions=[add_serve_parser, add_eval_commands])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
