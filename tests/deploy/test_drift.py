@@ -90,7 +90,9 @@ def test_pending_settings_have_no_class_yet(real_settings: dict[str, deployfiles
     landed = sorted({s.prefix for s in real_settings.values() if s.prefix in PENDING_SETTINGS})
     assert not landed, (
         f"settings classes with the prefixes {landed} exist now: remove them from PENDING_SETTINGS in "
-        "tests/deploy/test_drift.py and make docker-compose.yml and k8s/ use their real names"
+        "tests/deploy/test_drift.py and make docker-compose.yml and k8s/ use their real names (for the search "
+        "service also the Celery queue's Redis list that KEDA watches, listName in "
+        "k8s/components/keda/scaled-object.yaml)"
     )
 
 
