@@ -12,7 +12,8 @@ from typing import Any
 
 import aiohttp
 from fastapi import Depends, FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from pydantic import BaseModel, Field
 
 from services.common.auth import admin_auth
@@ -20,6 +21,8 @@ from services.common.checkpoints import CheckpointError
 from services.common.engine import EngineCallError, EngineService
 from services.common.gate import EngineUnavailable
 from services.common.metrics import MetricsMiddleware
+from services.common.model_version import VersionLabel
+from services.common.request_errors import error_responses, validation_error_handler
 
 try:  # msgspec comes with vLLM; it decodes vLLM's answers ~3x faster than json (they carry per-token lists)
     from msgspec.json import decode as _decode_json
@@ -33,7 +36,7 @@ VERSION_HEADER = "X-Model-Version"
 
 class SwapRequest(BaseModel):
     path: str = Field(description="checkpoint directory: absolute, or relative to the checkpoint root")
-    version: str | None = Field(default=None, description="version label (default: the load counter)")
+    version: VersionLabel | None = Field(default=None, description="version label (default: the load counter)")
 
 
 class SwapResponse(BaseModel):
@@ -42,6 +45,16 @@ class SwapResponse(BaseModel):
     checkpoint: str
     loaded_at: str
     swap_seconds: float
+
+
+class Health(BaseModel):
+    status: str = Field(description="'alive', or why the gateway is not healthy")
+
+
+class Readiness(BaseModel):
+    ready: bool
+    status: str = Field(description="'ready', or why not: starting, swapping, restarting, ...")
+    model_version: str
 
 
 class ModelInfo(BaseModel):
@@ -53,6 +66,7 @@ class ModelInfo(BaseModel):
 
 
 JSON_HEADERS = {"Content-Type": "application/json"}
+_RETRY_AFTER_HEADER = {"Retry-After": {"description": "seconds to wait", "schema": {"type": "integer"}}}
 
 
 async def post_upstream(service: EngineService, path: str, payload: dict[str, Any]) -> Any:
@@ -103,6 +117,7 @@ def create_app(
 
     app = FastAPI(title=title, lifespan=lifespan)
     app.state.service = service
+    app.add_exception_handler(RequestValidationError, validation_error_handler)
 
     @app.exception_handler(EngineUnavailable)
     async def _unavailable(request: Request, exc: EngineUnavailable) -> JSONResponse:
@@ -124,12 +139,16 @@ def create_app(
         headers = {"Retry-After": str(service.settings.retry_after_s)} if exc.status in (409, 503) else None
         return JSONResponse({"detail": exc.message}, status_code=exc.status, headers=headers)
 
-    @app.get("/health")
+    @app.get("/health", response_model=Health, responses={503: {"model": Health, "description": "not healthy"}})
     async def health() -> JSONResponse:
         ok, detail = service.health()
         return JSONResponse({"status": detail}, status_code=200 if ok else 503)
 
-    @app.get("/ready")
+    @app.get(
+        "/ready",
+        response_model=Readiness,
+        responses={503: {"model": Readiness, "description": "not ready", "headers": _RETRY_AFTER_HEADER}},
+    )
     async def ready() -> JSONResponse:
         ok, detail = await service.ready()
         return JSONResponse(
@@ -138,7 +157,7 @@ def create_app(
             headers=None if ok else {"Retry-After": str(service.settings.retry_after_s)},
         )
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics() -> Response:
         body, content_type = service.metrics.render()
         return Response(body, media_type=content_type)
@@ -149,7 +168,12 @@ def create_app(
 
     require_admin = admin_auth(service.settings.resolved_admin_token)
 
-    @app.post("/admin/checkpoint", response_model=SwapResponse, dependencies=[Depends(require_admin)])
+    @app.post(
+        "/admin/checkpoint",
+        response_model=SwapResponse,
+        dependencies=[Depends(require_admin)],
+        responses=error_responses(400, 401, 403, 404, 409, 422, 500, 503),
+    )
     async def swap_checkpoint(body: SwapRequest) -> dict[str, Any]:
         """Hot-swap the weights (bearer token). 4xx: refused, old weights serving; 5xx: see the message."""
         return await service.swap(body.path, body.version)

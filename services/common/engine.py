@@ -211,6 +211,9 @@ class EngineService:
                 self.metrics.swaps.labels("refused" if exc.status < 500 else "failed").inc()
                 log.warning("swap refused", extra={"path": requested, "status": exc.status, "reason": exc.message})
                 raise
+            except BaseException:
+                self.metrics.swaps.labels("failed").inc()
+                raise
             self.metrics.swaps.labels("ok").inc()
             return result
 

@@ -14,6 +14,8 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from services.common.model_version import VersionLabel
+
 
 class EngineServiceSettings(BaseSettings):
     """A FastAPI gateway in front of one vLLM server (a child process on localhost)."""
@@ -33,7 +35,10 @@ class EngineServiceSettings(BaseSettings):
         default=None, description="tokenizer directory (default: the model's); never reloaded by a hot-swap"
     )
     served_model_name: str = Field(default="model", description="model name vLLM answers to (OpenAI `model`)")
-    model_version: str = Field(default="1", description="version label of the model loaded at start")
+    model_version: VersionLabel = Field(
+        default="1",
+        description="version label of the model loaded at start: 1-64 characters from A-Z a-z 0-9 . _ - + : @ /",
+    )
 
     # --- the vLLM child process --------------------------------------------------------------------------
     vllm_python: str = Field(default=sys.executable, description="interpreter that runs the vLLM server")

@@ -6,13 +6,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from services.common.serve import run_app
+from services.common.serve import load_settings, run_app
 from services.policy.app import create_policy_app
 from services.policy.settings import PolicySettings
 
 
 def serve(**overrides: Any) -> None:
-    settings = PolicySettings(**overrides)
+    settings = load_settings("policy", PolicySettings, overrides)
     run_app("policy", settings, create_policy_app)
 
 

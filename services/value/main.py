@@ -6,13 +6,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from services.common.serve import run_app
+from services.common.serve import load_settings, run_app
 from services.value.app import create_value_app
 from services.value.settings import ValueSettings
 
 
 def serve(**overrides: Any) -> None:
-    settings = ValueSettings(**overrides)
+    settings = load_settings("value", ValueSettings, overrides)
     run_app("value", settings, create_value_app)
 
 
