@@ -39,6 +39,21 @@ class ErrorBody(BaseModel):
     detail: str | list[ValidationIssue]
 
 
+class OpenAIErrorDetail(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    message: str
+    type: str | None = None
+    param: str | None = None
+    code: int | str | None = None
+
+
+class OpenAIErrorBody(BaseModel):
+    """An error answered by vLLM's OpenAI server and passed through unchanged (``/v1/completions``)."""
+
+    error: OpenAIErrorDetail
+
+
 ERROR_DESCRIPTIONS: dict[int, str] = {
     400: "bad request: malformed body, or a request the model server refuses (e.g. prompt too long)",
     401: "missing or malformed bearer token",
@@ -59,11 +74,15 @@ VERSION_HEADER_DOC = {
 _RETRY_AFTER = {"Retry-After": {"description": "seconds to wait before retrying", "schema": {"type": "integer"}}}
 
 
-def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
-    """The ``responses=`` of a route: each code with its description, body schema and headers."""
+def error_responses(*codes: int, passed_through: tuple[int, ...] = ()) -> dict[int | str, dict[str, Any]]:
+    """The ``responses=`` of a route: each code with its description, body schema and headers.
+
+    ``passed_through``: codes that a pass-through route may also answer with vLLM's own OpenAI error body.
+    """
     responses: dict[int | str, dict[str, Any]] = {}
     for code in codes:
-        entry: dict[str, Any] = {"model": ErrorBody, "description": ERROR_DESCRIPTIONS[code]}
+        model: Any = ErrorBody | OpenAIErrorBody if code in passed_through else ErrorBody
+        entry: dict[str, Any] = {"model": model, "description": ERROR_DESCRIPTIONS[code]}
         if code == 503:
             entry["headers"] = _RETRY_AFTER
         responses[code] = entry

@@ -135,7 +135,7 @@ def register_policy_routes(app: FastAPI, service: EngineService) -> None:
                 "headers": VERSION_HEADER_DOC,
                 "content": {"application/json": {"schema": {"type": "object"}}, "text/event-stream": {}},
             },
-            **error_responses(400, 404, 422, 502, 503, 504),
+            **error_responses(400, 404, 422, 502, 503, 504, passed_through=(400, 404, 422)),
         },
         openapi_extra={
             "requestBody": {
