@@ -3,29 +3,38 @@
 `extract_answer` pulls the last ``\\boxed{...}`` out of a generated solution, `gold_answer` reads the ground
 truth of a GSM8K or MATH row, and `is_equivalent` decides whether the two agree.
 
-`is_equivalent` must be safe to call from Celery thread-pool workers and asyncio code (through
-``asyncio.to_thread``: it blocks). math-verify's own timeouts use ``signal.alarm``, which only works in the
-main thread, and sympy can hang (or eat all memory) on inputs such as ``9^{9^{9^{9^{9}}}}``. So:
+`is_equivalent` works wherever it is called: at module level of a plain script, from threads (Celery thread
+pools), inside an asyncio loop (it blocks: prefer ``asyncio.to_thread``) and inside daemonic processes (Celery
+prefork workers, ``multiprocessing`` children with ``daemon=True``). math-verify's own timeouts use
+``signal.alarm``, which only works in the main thread, and sympy can hang (or eat all memory) on inputs such as
+``9^{9^{9^{9^{9}}}}``. So:
 
 1. cheap fast paths (normalised string equality, exact rational arithmetic) decide most answers without sympy;
-2. everything else runs through math-verify, with its signal timeouts off, in one persistent *spawned* worker
-   process; the caller waits at most `VERIFY_TIMEOUT_S`, and a worker that overruns is killed and replaced on
-   the next call, and the answer is judged not equivalent. (Spawn re-imports ``__main__``: scripts that grade
-   need the usual ``if __name__ == "__main__":`` guard.)
+2. everything else runs through math-verify, with its signal timeouts off, in one persistent worker process
+   (`cpl.grading_worker`, started with ``subprocess.Popen``, talking JSON lines over pipes: no ``multiprocessing``,
+   so nothing re-imports the caller's ``__main__`` and daemonic processes may start it); the caller waits at most
+   `VERIFY_TIMEOUT_S`, a worker that overruns is killed and replaced on the next call, and the answer is judged
+   not equivalent.
 """
 
 from __future__ import annotations
 
-import concurrent.futures as cf
+import atexit
+import contextlib
+import json
 import logging
-import multiprocessing
 import os
+import queue
 import re
+import subprocess
+import sys
 import threading
 from collections.abc import Mapping
-from concurrent.futures.process import BrokenProcessPool
 from fractions import Fraction
+from pathlib import Path
 from typing import Any, NamedTuple
+
+from cpl.grading_worker import MEMORY_BYTES_ENV
 
 logger = logging.getLogger(__name__)
 
@@ -197,95 +206,134 @@ def is_equivalent(predicted: str | None, gold: str) -> bool:
 # ------------------------------------------------------------------------------ math-verify in a worker
 
 
-def _worker_init() -> None:
-    # math-verify warns (once per process) that its timeouts are off; the parent enforces them instead.
-    logging.getLogger("math_verify").setLevel(logging.ERROR)
-    try:
-        import resource
+class _Worker:
+    """One running `cpl.grading_worker` process and the thread that reads its answers into a queue.
 
-        _, hard = resource.getrlimit(resource.RLIMIT_AS)
-        limit = WORKER_MEMORY_BYTES if hard == resource.RLIM_INFINITY else min(WORKER_MEMORY_BYTES, hard)
-        resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
-    except (ImportError, ValueError, OSError):  # not POSIX, or not allowed: the timeout still applies
-        pass
-    import math_verify  # noqa: F401 - pay the sympy import at start-up, not inside a timed comparison
+    A plain child process (``subprocess.Popen``), not ``multiprocessing``: it needs no re-import of the
+    caller's ``__main__`` and may be started from a daemonic process.
+    """
+
+    def __init__(self) -> None:
+        env = dict(os.environ)
+        env[MEMORY_BYTES_ENV] = str(WORKER_MEMORY_BYTES)
+        # sys.path[0] is the directory holding `cpl`, not the caller's working directory: a user's module
+        # named like a dependency of sympy cannot shadow it, and `cpl` need not be installed.
+        bootstrap = f"import sys; sys.path[0] = {str(_PACKAGE_ROOT)!r}; import cpl.grading_worker as w; w.main()"
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", bootstrap],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            env=env,
+            text=True,
+            encoding="utf-8",
+            bufsize=1,
+            close_fds=True,
+        )
+        self._answers: queue.SimpleQueue[dict[str, Any] | None] = queue.SimpleQueue()
+        threading.Thread(target=self._read_answers, name="cpl-grading-reader", daemon=True).start()
+
+    def _read_answers(self) -> None:
+        stdout = self.process.stdout
+        assert stdout is not None
+        for line in stdout:
+            try:
+                self._answers.put(json.loads(line))
+            except json.JSONDecodeError:
+                logger.warning("math-verify worker wrote a line that is not JSON: %.200r", line)
+        self._answers.put(None)  # end of output: the worker exited
+
+    def receive(self, timeout_s: float) -> dict[str, Any]:
+        """The next answer; raises TimeoutError after ``timeout_s`` and EOFError if the worker died."""
+        try:
+            message = self._answers.get(timeout=timeout_s)
+        except queue.Empty:
+            raise TimeoutError(f"no answer within {timeout_s:g} s") from None
+        if message is None:
+            self._answers.put(None)  # keep reporting the death to later calls
+            raise EOFError(f"worker exited with code {self.process.poll()}")
+        return message
+
+    def send(self, message: dict[str, Any]) -> None:
+        stdin = self.process.stdin
+        assert stdin is not None
+        stdin.write(json.dumps(message) + "\n")
+        stdin.flush()
+
+    def kill(self) -> None:
+        self.process.kill()
+        for pipe in (self.process.stdin, self.process.stdout):
+            if pipe is not None:
+                with contextlib.suppress(OSError):
+                    pipe.close()
+        # Reap it off the caller's path: after SIGKILL this is prompt, but never worth blocking a grader for.
+        threading.Thread(target=self.process.wait, name="cpl-grading-reaper", daemon=True).start()
 
 
-def _ping() -> bool:
-    return True
-
-
-def _run_math_verify(gold: str, predicted: str) -> bool:
-    """Runs in the worker. Wrapping in \\boxed{} makes math-verify's LaTeX extraction take the whole answer."""
-    from math_verify import parse, verify
-
-    gold_parsed = parse(f"\\boxed{{{gold}}}", parsing_timeout=None)  # type: ignore[arg-type]
-    pred_parsed = parse(f"\\boxed{{{predicted}}}", parsing_timeout=None)  # type: ignore[arg-type]
-    return bool(verify(gold_parsed, pred_parsed, timeout_seconds=None))  # gold first: verify is asymmetric
-
-
+_PACKAGE_ROOT = Path(__file__).resolve().parent.parent
 _lock = threading.Lock()  # one comparison in flight, so a caller's timeout measures its own comparison only
-_pool: cf.ProcessPoolExecutor | None = None
+_worker: _Worker | None = None
 
 
 def _reset_after_fork() -> None:
     # A forked child (e.g. a Celery prefork worker) does not own its parent's worker process or lock state.
-    global _lock, _pool
+    global _lock, _worker
     _lock = threading.Lock()
-    _pool = None
+    _worker = None
 
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_reset_after_fork)
 
 
-def _kill_pool(pool: cf.ProcessPoolExecutor) -> None:
-    # shutdown() would wait for the hung call; before Python 3.14 (kill_workers) there is no public way to
-    # stop a busy worker, so kill the processes directly.
-    kill_workers = getattr(pool, "kill_workers", None)
-    if kill_workers is not None:
-        kill_workers()
-    else:
-        for process in list((getattr(pool, "_processes", None) or {}).values()):
-            process.kill()
-    pool.shutdown(wait=False, cancel_futures=True)
+@atexit.register
+def _stop_worker() -> None:
+    if _worker is not None:
+        _worker.kill()
 
 
-def _get_pool() -> cf.ProcessPoolExecutor:
-    """The worker pool, started on first use. Caller holds `_lock`."""
-    global _pool
-    if _pool is None:
-        # spawn, not fork: forking a process with running threads (Celery, asyncio) can deadlock the child.
-        pool = cf.ProcessPoolExecutor(
-            max_workers=1, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_init
-        )
+def _get_worker() -> _Worker:
+    """The worker, started on first use (or after the last one was killed). Caller holds `_lock`."""
+    global _worker
+    if _worker is None or _worker.process.poll() is not None:
         try:
-            pool.submit(_ping).result(timeout=STARTUP_TIMEOUT_S)
-        except BaseException as exc:
-            _kill_pool(pool)
-            # Failing loudly beats grading every answer as wrong. The usual cause: a script that calls the
-            # grader at import time, without an `if __name__ == "__main__":` guard (spawn re-imports __main__).
+            worker = _Worker()
+        except OSError as exc:
             raise RuntimeError(f"math-verify worker process failed to start: {exc!r}") from exc
-        _pool = pool
-    return _pool
+        try:
+            ready = worker.receive(STARTUP_TIMEOUT_S)
+        except (TimeoutError, EOFError) as exc:
+            worker.kill()
+            # Failing loudly beats grading every answer as wrong (math-verify missing, no memory, ...).
+            raise RuntimeError(f"math-verify worker process failed to start: {exc}") from exc
+        if ready != {"ready": True}:
+            worker.kill()
+            raise RuntimeError(f"math-verify worker process failed to start: said {ready!r}")
+        _worker = worker
+    return _worker
 
 
 def _verify_isolated(predicted: str, gold: str) -> bool:
     """math-verify's judgement, computed in the worker process, without the fast paths (tests call this)."""
-    global _pool
+    global _worker
     timeout_s = VERIFY_TIMEOUT_S
     with _lock:
-        pool = _get_pool()
+        worker = _get_worker()
         try:
-            return pool.submit(_run_math_verify, gold, predicted).result(timeout=timeout_s)
+            worker.send({"gold": gold, "predicted": predicted})
+            answer = worker.receive(timeout_s)
         except TimeoutError:
             reason = f"timed out after {timeout_s:g} s"
-        except BrokenProcessPool:
+        except (EOFError, OSError):
             reason = "lost its worker process (crash or memory limit)"
-        except Exception as exc:  # math-verify itself failed on this input; the worker is fine
-            logger.warning("math-verify failed (%r) on %.100r vs gold %.100r; not equivalent", exc, predicted, gold)
+        else:
+            if "equivalent" in answer:
+                return bool(answer["equivalent"])
+            # math-verify itself failed on this input; the worker is fine
+            logger.warning(
+                "math-verify failed (%s) on %.100r vs gold %.100r; not equivalent", answer.get("error"), predicted, gold
+            )
             return False
-        _kill_pool(pool)
-        _pool = None
+        worker.kill()
+        _worker = None
     logger.warning("math-verify %s on %.100r vs gold %.100r; judged not equivalent", reason, predicted, gold)
     return False

@@ -3,11 +3,13 @@
 * Plan-step pairs: under one parent, every (V > 0, V < 0) combination of sibling plan steps.
 * Solution-step pairs: among sibling solution steps, only (max V, if > 0) vs (min V, if < 0).
 * SFT: up to ``max_per_problem`` (4) correct full responses per problem, chosen at random (seeded).
-* Value data: every visited state with its MCTS value.
+* Value data: every state with a search value, and that value.
 
-Only nodes whose value the search produced take part: visited nodes (N > 0) and graded terminal nodes (their
-value is the exact reward). An unvisited non-terminal node's V is the value model's own guess, which would
-train the models on their own noise.
+Only nodes whose value the search produced take part, in all four datasets alike (`has_search_value`,
+docs/decisions/003-search-values.md): terminal nodes whose value is exact (a graded reward, a dead end) and
+nodes with at least `MIN_VISITED_CHILDREN` visited children (their V is the eq. 3 backup of what the search
+found below them). A leaf reached for the first time has N = 1 but still the V the value model guessed for it;
+training on it would train the models on their own noise.
 """
 
 from __future__ import annotations
@@ -23,10 +25,24 @@ from pydantic import BaseModel
 from cpl.formats import PromptFormat, Step, StepKind, render_prompt, render_response, render_step
 from cpl.schemas import PreferencePair, SFTExample, ValueExample
 from cpl.tree import Node, Tree
+from cpl.values import clamp_value
+
+MIN_VISITED_CHILDREN: int = 1
+"""Visited children a non-terminal node needs for its V to count as a search value (default of the exports)."""
 
 
-def has_search_value(node: Node) -> bool:
-    return node.N > 0 or node.reward is not None
+def has_search_value(tree: Tree, node: Node, *, min_visited_children: int = MIN_VISITED_CHILDREN) -> bool:
+    """Whether ``node.V`` was produced by the search rather than guessed by the value model.
+
+    True for a graded terminal node (V is its reward), a dead end (every candidate hit the token limit: V is
+    the fixed dead-end value) and a node with at least ``min_visited_children`` visited children (V is their
+    visit-weighted mean, eq. 3). A terminal solution of an inference-mode tree (no gold answer) has only a guess.
+    """
+    if node.reward is not None or node.dead_end:
+        return True
+    if min_visited_children < 1:
+        raise ValueError(f"min_visited_children must be at least 1, got {min_visited_children}")
+    return sum(1 for c in tree.children(node) if c.N > 0) >= min_visited_children
 
 
 def _prompt(tree: Tree, parent: Node) -> str:
@@ -63,24 +79,28 @@ def _pair(tree: Tree, parent: Node, chosen: Node, rejected: Node) -> PreferenceP
     )
 
 
-def _valued_children(tree: Tree, parent: Node, kind: StepKind) -> list[Node]:
-    return [c for c in tree.children(parent) if c.kind is kind and has_search_value(c)]
+def _valued_children(tree: Tree, parent: Node, kind: StepKind, min_visited_children: int) -> list[Node]:
+    return [
+        c
+        for c in tree.children(parent)
+        if c.kind is kind and has_search_value(tree, c, min_visited_children=min_visited_children)
+    ]
 
 
-def plan_pairs(tree: Tree) -> list[PreferencePair]:
+def plan_pairs(tree: Tree, *, min_visited_children: int = MIN_VISITED_CHILDREN) -> list[PreferencePair]:
     pairs = []
     for parent in tree.nodes:
-        siblings = _valued_children(tree, parent, StepKind.PLAN)
+        siblings = _valued_children(tree, parent, StepKind.PLAN, min_visited_children)
         preferred = [c for c in siblings if c.V > 0]
         dispreferred = [c for c in siblings if c.V < 0]
         pairs += [_pair(tree, parent, w, lose) for w, lose in itertools.product(preferred, dispreferred)]
     return pairs
 
 
-def solution_pairs(tree: Tree) -> list[PreferencePair]:
+def solution_pairs(tree: Tree, *, min_visited_children: int = MIN_VISITED_CHILDREN) -> list[PreferencePair]:
     pairs = []
     for parent in tree.nodes:
-        siblings = _valued_children(tree, parent, StepKind.SOLUTION)
+        siblings = _valued_children(tree, parent, StepKind.SOLUTION, min_visited_children)
         if not siblings:
             continue
         # max()/min() keep the first of equal values: the earliest-sampled sibling wins ties.
@@ -112,11 +132,11 @@ def sft_examples(tree: Tree, *, max_per_problem: int = 4, seed: int = 0) -> list
     ]
 
 
-def value_examples(tree: Tree) -> list[ValueExample]:
+def value_examples(tree: Tree, *, min_visited_children: int = MIN_VISITED_CHILDREN) -> list[ValueExample]:
     return [
         ValueExample(
             text=tree.state(node).value_prompt(),
-            value=max(-1.0, min(1.0, node.V)),
+            value=clamp_value(node.V),
             tree_id=tree.id,
             node_id=node.id,
             depth=node.depth,
@@ -124,7 +144,7 @@ def value_examples(tree: Tree) -> list[ValueExample]:
             terminal=node.terminal,
         )
         for node in tree.nodes
-        if node.N > 0
+        if has_search_value(tree, node, min_visited_children=min_visited_children)
     ]
 
 
@@ -146,13 +166,18 @@ def write_jsonl(path: Path, rows: Iterable[BaseModel]) -> int:
     return count
 
 
-def export_datasets(trees: Iterable[Tree], out_dir: Path, *, sft_seed: int = 0) -> dict[str, int]:
+def export_datasets(
+    trees: Iterable[Tree], out_dir: Path, *, sft_seed: int = 0, min_visited_children: int = MIN_VISITED_CHILDREN
+) -> dict[str, int]:
     """Write ``sft.jsonl``, ``plan_pairs.jsonl``, ``solution_pairs.jsonl`` and ``value.jsonl``; return counts."""
     trees = list(trees)
 
     def rows(name: str) -> Iterator[BaseModel]:
         for tree in trees:
-            yield from (sft_examples(tree, seed=sft_seed) if name == "sft" else DATASETS[name](tree))
+            if name == "sft":
+                yield from sft_examples(tree, seed=sft_seed)
+            else:
+                yield from DATASETS[name](tree, min_visited_children=min_visited_children)
 
     return {name: write_jsonl(out_dir / f"{name}.jsonl", rows(name)) for name in DATASETS}
 

@@ -41,7 +41,7 @@ class PreferencePair(BaseModel):
 
 
 class ValueExample(BaseModel):
-    """A visited state with its MCTS value as the regression label."""
+    """A state with its search value as the regression label (`cpl.pairs.has_search_value` says which)."""
 
     text: str
     value: float = Field(ge=-1.0, le=1.0)

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from cpl.formats import StepKind, render_prompt
+from cpl.pairs import has_search_value
 from cpl.problems import load_problems
 from cpl.tree import Tree
 
@@ -51,8 +52,8 @@ def test_search_writes_trees_and_datasets_that_agree(search_run: Path):
         assert len(tree.nodes) > 1  # the marker bias makes steps end, so the root has children
 
     values = read_jsonl(out / "value.jsonl")
-    visited = {(t.id, n.id) for t in trees.values() for n in t.nodes if n.N > 0}
-    assert {(r["tree_id"], r["node_id"]) for r in values} == visited
+    valued = {(t.id, n.id) for t in trees.values() for n in t.nodes if has_search_value(t, n)}
+    assert {(r["tree_id"], r["node_id"]) for r in values} == valued
     for row in values:
         node = trees[row["tree_id"]].nodes[row["node_id"]]
         assert row["value"] == pytest.approx(node.V) and row["visits"] == node.N

@@ -44,7 +44,7 @@ sys.path.insert(0, str(REPO))
 
 from cpl.formats import StepKind  # noqa: E402
 from cpl.protocols import ExpandRequest, State  # noqa: E402
-from services.common.vllm_process import find_free_port  # noqa: E402
+from services.common.ports import find_free_port  # noqa: E402
 from services.policy.app import completion_payload  # noqa: E402
 
 NAMES = ["Ann", "Ben", "Carla", "Dev", "Emma", "Farid", "Gina", "Hugo"]

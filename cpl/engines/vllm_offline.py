@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import math
 import os
 import threading
 import weakref
@@ -37,6 +36,7 @@ from typing import Any, Generic, TypeVar
 
 from cpl.formats import PromptFormat, parse_generated_step, stop_strings
 from cpl.protocols import Candidate, ExpandRequest, ExpandResult, State, ValueResult
+from cpl.values import value_from_logit
 
 In = TypeVar("In")
 Out = TypeVar("Out")
@@ -418,7 +418,7 @@ class VLLMValue(_Engine):
         for logit in logits:
             if isinstance(logit, Exception):
                 raise logit
-            value = min(1.0, max(-1.0, math.tanh(logit)))
+            value = value_from_logit(logit)
             results.append(ValueResult(value=value, model_version=self.model_version))
         return results
 

@@ -16,11 +16,13 @@ import json
 import math
 from typing import Any
 
-from fastapi import HTTPException, Request
+from fastapi import Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
+
+from services.common.errors import APIError
 
 
 class ValidationIssue(BaseModel):
@@ -71,7 +73,7 @@ ERROR_DESCRIPTIONS: dict[int, str] = {
 VERSION_HEADER_DOC = {
     "X-Model-Version": {"description": "the model version that produced the answer", "schema": {"type": "string"}}
 }
-_RETRY_AFTER = {"Retry-After": {"description": "seconds to wait before retrying", "schema": {"type": "integer"}}}
+RETRY_AFTER_DOC = {"Retry-After": {"description": "seconds to wait before retrying", "schema": {"type": "integer"}}}
 
 
 def error_responses(*codes: int, passed_through: tuple[int, ...] = ()) -> dict[int | str, dict[str, Any]]:
@@ -84,7 +86,7 @@ def error_responses(*codes: int, passed_through: tuple[int, ...] = ()) -> dict[i
         model: Any = ErrorBody | OpenAIErrorBody if code in passed_through else ErrorBody
         entry: dict[str, Any] = {"model": model, "description": ERROR_DESCRIPTIONS[code]}
         if code == 503:
-            entry["headers"] = _RETRY_AFTER
+            entry["headers"] = RETRY_AFTER_DOC
         responses[code] = entry
     return responses
 
@@ -130,9 +132,9 @@ def parse_json_object(body: bytes) -> dict[str, Any]:
     try:
         parsed = json.loads(body, parse_constant=_reject_constant)
     except RecursionError as exc:
-        raise HTTPException(400, "request body is nested too deeply") from exc
+        raise APIError(400, "request body is nested too deeply") from exc
     except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError and the NaN/Infinity refusal
-        raise HTTPException(400, f"request body is not valid JSON: {exc}") from exc
+        raise APIError(400, f"request body is not valid JSON: {exc}") from exc
     if not isinstance(parsed, dict):
-        raise HTTPException(400, "request body must be a JSON object")
+        raise APIError(400, "request body must be a JSON object")
     return parsed

@@ -25,9 +25,9 @@ from starlette.types import Receive, Scope, Send
 
 from cpl.formats import parse_generated_step, stop_strings
 from cpl.protocols import Candidate, ExpandRequest, ExpandResult
-from services.common.app import JSON_HEADERS, VERSION_HEADER, create_app, gather_all, post_upstream
-from services.common.engine import EngineCallError, EngineService
 from services.common.request_errors import VERSION_HEADER_DOC, error_responses, parse_json_object
+from services.gateway.app import JSON_HEADERS, VERSION_HEADER, create_gateway_app, gather_all, post_upstream
+from services.gateway.vllm_gateway import VLLMGateway
 from services.policy.schemas import ExpandBatchRequest, ExpandBatchResponse
 from services.policy.settings import PolicySettings
 
@@ -89,7 +89,7 @@ class _GatedStream(StreamingResponse):
             await self._on_close()
 
 
-def register_policy_routes(app: FastAPI, service: EngineService) -> None:
+def register_policy_routes(app: FastAPI, service: VLLMGateway) -> None:
     settings = service.settings
     model_name = settings.served_model_name
     metrics = service.metrics
@@ -163,14 +163,14 @@ def register_policy_routes(app: FastAPI, service: EngineService) -> None:
 
         try:
             if session is None:
-                raise EngineCallError(503, "engine starting")
+                raise service.call_error(503, "engine starting")
             upstream = await session.post("/v1/completions", data=body, headers=JSON_HEADERS)
         except TimeoutError as exc:
             await release()
-            raise EngineCallError(504, f"vLLM /v1/completions timed out: {exc!r}") from exc
+            raise service.call_error(504, f"vLLM /v1/completions timed out: {exc!r}") from exc
         except aiohttp.ClientError as exc:
             await release()
-            raise EngineCallError(503, f"vLLM /v1/completions unreachable: {exc!r}") from exc
+            raise service.call_error(503, f"vLLM /v1/completions unreachable: {exc!r}") from exc
         except BaseException:
             await release()
             raise
@@ -186,7 +186,7 @@ def register_policy_routes(app: FastAPI, service: EngineService) -> None:
         try:
             content = await upstream.read()
         except (TimeoutError, aiohttp.ClientError) as exc:
-            raise EngineCallError(502, f"vLLM /v1/completions broke off: {exc!r}") from exc
+            raise service.call_error(502, f"vLLM /v1/completions broke off: {exc!r}") from exc
         finally:
             upstream.release()
             await release()
@@ -205,21 +205,21 @@ def register_policy_routes(app: FastAPI, service: EngineService) -> None:
     async def models() -> Response:
         """OpenAI-compatible model list, forwarded to vLLM."""
         if service.upstream is None:
-            raise EngineCallError(503, "engine starting")
+            raise service.call_error(503, "engine starting")
         try:
             async with service.upstream.get("/v1/models") as upstream:
                 content, status = await upstream.read(), upstream.status
         except (TimeoutError, aiohttp.ClientError) as exc:
-            raise EngineCallError(503, f"vLLM /v1/models unreachable: {exc!r}") from exc
+            raise service.call_error(503, f"vLLM /v1/models unreachable: {exc!r}") from exc
         return Response(content, status_code=status, media_type="application/json")
 
 
 def create_policy_app(settings: PolicySettings | None = None) -> FastAPI:
     settings = settings or PolicySettings()  # type: ignore[call-arg]
-    service = EngineService(
+    service = VLLMGateway(
         settings,
         name="policy",
         runner="generate",
         extra_vllm_args=["--logprobs-mode", settings.logprobs_mode],
     )
-    return create_app(service, title="CPL policy service", register=register_policy_routes)
+    return create_gateway_app(service, title="CPL policy service", register=register_policy_routes)
