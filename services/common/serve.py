@@ -2,14 +2,32 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import uvicorn
 from fastapi import FastAPI
+from pydantic import ValidationError
 
 from services.common.logging import configure_logging
 from services.common.settings import ServerSettings
+
+S = TypeVar("S", bound=ServerSettings)
+
+
+def load_settings(name: str, cls: type[S], overrides: dict[str, Any]) -> S:
+    """The service's settings from the environment and ``overrides``; exit 2 with one line per bad setting."""
+    try:
+        return cls(**overrides)
+    except ValidationError as exc:
+        prefix = cls.model_config.get("env_prefix", "")
+        lines = []
+        for error in exc.errors():
+            field = ".".join(str(part) for part in error["loc"])
+            lines.append(f"  {prefix}{field.upper()}: {error['msg']}")
+        print(f"{name} service: invalid settings:\n" + "\n".join(lines), file=sys.stderr)
+        sys.exit(2)
 
 
 def run_app(name: str, settings: ServerSettings, factory: Callable[[Any], FastAPI]) -> FastAPI:

@@ -16,7 +16,9 @@ from pydantic import BaseModel, Field
 
 from services.common.app import create_service_app
 from services.common.auth import admin_auth
+from services.common.request_errors import error_responses
 from services.gateway.gate import EngineUnavailable
+from services.gateway.model_version import VersionLabel
 from services.gateway.vllm_gateway import VLLMGateway
 
 try:  # msgspec comes with vLLM; it decodes vLLM's answers ~3x faster than json (they carry per-token lists)
@@ -31,7 +33,7 @@ VERSION_HEADER = "X-Model-Version"
 
 class SwapRequest(BaseModel):
     path: str = Field(description="checkpoint directory: absolute, or relative to the checkpoint root")
-    version: str | None = Field(default=None, description="version label (default: the load counter)")
+    version: VersionLabel | None = Field(default=None, description="version label (default: the load counter)")
 
 
 class SwapResponse(BaseModel):
@@ -117,7 +119,12 @@ def create_gateway_app(
 
     require_admin = admin_auth(service.settings.resolved_admin_token)
 
-    @app.post("/admin/checkpoint", response_model=SwapResponse, dependencies=[Depends(require_admin)])
+    @app.post(
+        "/admin/checkpoint",
+        response_model=SwapResponse,
+        dependencies=[Depends(require_admin)],
+        responses=error_responses(400, 401, 403, 404, 409, 422, 500, 503),
+    )
     async def swap_checkpoint(body: SwapRequest) -> dict[str, Any]:
         """Hot-swap the weights (bearer token). 4xx: refused, old weights serving; 5xx: see the message."""
         return await service.swap(body.path, body.version)

@@ -88,16 +88,20 @@ def resolve_checkpoint_path(root: Path | None, requested: str) -> Path:
     candidate = Path(requested)
     if not candidate.is_absolute():
         candidate = real_root / candidate
-    real = candidate.resolve(strict=False)
-    if real != real_root and not real.is_relative_to(real_root):
-        raise CheckpointError(400, f"checkpoint path {requested!r} lies outside the checkpoint root {real_root}")
-    if any(part.startswith(".") for part in real.relative_to(real_root).parts):
-        # Hidden directories are work areas (a training job's staging output and resumable state): never served.
-        raise CheckpointError(400, f"checkpoint path {requested!r} is a hidden work directory, not a checkpoint")
-    if not real.exists():
-        raise CheckpointError(404, f"checkpoint directory {requested!r} does not exist")
-    if not real.is_dir():
-        raise CheckpointError(400, f"checkpoint path {requested!r} is not a directory")
+    shown = requested if len(requested) <= 200 else f"{requested[:200]}... ({len(requested)} characters)"
+    try:
+        real = candidate.resolve(strict=False)
+        if real != real_root and not real.is_relative_to(real_root):
+            raise CheckpointError(400, f"checkpoint path {shown!r} lies outside the checkpoint root {real_root}")
+        if any(part.startswith(".") for part in real.relative_to(real_root).parts):
+            # Hidden directories are work areas (a training job's staging output and resumable state): never served.
+            raise CheckpointError(400, f"checkpoint path {shown!r} is a hidden work directory, not a checkpoint")
+        if not real.exists():
+            raise CheckpointError(404, f"checkpoint directory {shown!r} does not exist")
+        if not real.is_dir():
+            raise CheckpointError(400, f"checkpoint path {shown!r} is not a directory")
+    except OSError as exc:  # e.g. ENAMETOOLONG, ELOOP, EACCES: the client named a path the OS cannot open
+        raise CheckpointError(400, f"checkpoint path {shown!r} cannot be opened: {exc.strerror or exc}") from exc
     return real
 
 

@@ -14,6 +14,7 @@ from pydantic import Field, field_validator
 from pydantic_settings import SettingsConfigDict
 
 from services.common.settings import AdminTokenSettings, ServerSettings
+from services.gateway.model_version import VersionLabel
 
 
 class GatewaySettings(ServerSettings, AdminTokenSettings):
@@ -27,7 +28,10 @@ class GatewaySettings(ServerSettings, AdminTokenSettings):
         default=None, description="tokenizer directory (default: the model's); never reloaded by a hot-swap"
     )
     served_model_name: str = Field(default="model", description="model name vLLM answers to (OpenAI `model`)")
-    model_version: str = Field(default="1", description="version label of the model loaded at start")
+    model_version: VersionLabel = Field(
+        default="1",
+        description="version label of the model loaded at start: 1-64 characters from A-Z a-z 0-9 . _ - + : @ /",
+    )
 
     # --- the vLLM child process --------------------------------------------------------------------------
     vllm_python: str = Field(default=sys.executable, description="interpreter that runs the vLLM server")

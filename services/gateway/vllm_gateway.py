@@ -220,6 +220,9 @@ class VLLMGateway:
                 self.metrics.swaps.labels("refused" if exc.status < 500 else "failed").inc()
                 log.warning("swap refused", extra={"path": requested, "status": exc.status, "reason": exc.message})
                 raise
+            except BaseException:
+                self.metrics.swaps.labels("failed").inc()
+                raise
             self.metrics.swaps.labels("ok").inc()
             return result
 

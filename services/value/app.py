@@ -17,6 +17,7 @@ from fastapi import FastAPI, HTTPException, Response
 
 from cpl.protocols import ValueResult
 from cpl.values import value_from_logit
+from services.common.request_errors import VERSION_HEADER_DOC, error_responses
 from services.gateway.app import VERSION_HEADER, create_gateway_app, gather_all, post_upstream
 from services.gateway.vllm_gateway import VLLMCallError, VLLMGateway
 from services.value.schemas import ValuesRequest, ValuesResponse
@@ -46,7 +47,11 @@ def register_value_routes(app: FastAPI, service: VLLMGateway) -> None:
     model_name = settings.served_model_name
     metrics = service.metrics
 
-    @app.post("/v1/values", response_model=ValuesResponse)
+    @app.post(
+        "/v1/values",
+        response_model=ValuesResponse,
+        responses={200: {"headers": VERSION_HEADER_DOC}, **error_responses(400, 413, 422, 502, 503, 504)},
+    )
     async def values(batch: ValuesRequest) -> Response:
         """V(s) = tanh(score-head logit) for each state."""
         if len(batch.states) > settings.max_batch_states:
