@@ -14,7 +14,6 @@ training on it would train the models on their own noise.
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import random
 from collections.abc import Iterable, Iterator
@@ -180,8 +179,3 @@ def export_datasets(
                 yield from DATASETS[name](tree, min_visited_children=min_visited_children)
 
     return {name: write_jsonl(out_dir / f"{name}.jsonl", rows(name)) for name in DATASETS}
-
-
-def tree_digest(tree: Tree) -> str:
-    """A short content hash, handy to check that exports and trees agree."""
-    return hashlib.sha256(tree.model_dump_json(exclude={"created_at"}).encode()).hexdigest()[:16]
