@@ -10,7 +10,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from cpl.config import PriorMode, SearchConfig
+from pydantic import ValidationError
+
+from cpl.cli_fields import FieldFlag, add_field_flags, given_fields
+from cpl.config import SearchConfig
 from cpl.formats import PromptFormat
 from cpl.problems import Problem
 
@@ -63,8 +66,38 @@ def _problems(path: Path, limit: int | None) -> list[Problem]:
     return problems
 
 
+ROUND_PRESETS = {"--round 2": SearchConfig.round_preset(2)}
+
+SEARCH_FLAGS: tuple[FieldFlag | str, ...] = (
+    "simulations",
+    "c_puct",
+    "temperature",
+    "root_children",
+    "children",
+    "max_depth",
+    "max_step_tokens",
+    "prior",
+    "format",
+    FieldFlag("few_shot", negate=True),
+)
+"""The `SearchConfig` fields `cpl search` takes as flags (help and defaults come from the fields)."""
+
+ROUND_SEARCH_FLAGS: tuple[FieldFlag | str, ...] = (
+    "simulations",
+    "format",
+    "max_step_tokens",
+    "max_depth",
+    FieldFlag("few_shot", negate=True),
+)
+"""The `SearchConfig` fields `cpl round` takes as flags, on top of the round preset."""
+
+
+def add_round_flag(p: argparse.ArgumentParser, *, default: int | None) -> None:
+    help_text = "round preset: 1 = plain/200 sims, 2 = XML/100 sims; flags given override it"
+    p.add_argument("--round", type=int, choices=[1, 2], default=default, help=help_text)
+
+
 def add_search_arguments(p: argparse.ArgumentParser) -> None:
-    defaults = SearchConfig()
     p.add_argument("--policy", type=Path, help="policy model directory (default: the embedded model)")
     p.add_argument("--value", type=Path, help="value model directory (default: the embedded model)")
     source = p.add_mutually_exclusive_group()
@@ -73,15 +106,8 @@ def add_search_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--answer", help="ground-truth answer of --question (omit for inference mode)")
     p.add_argument("--limit", type=_positive, help="search only the first N problems of --input")
     p.add_argument("--out", type=Path, required=True, help="output directory")
-    p.add_argument("--simulations", type=_positive, default=defaults.simulations)
-    p.add_argument("--round", type=int, choices=[1, 2], help="round preset: 1 = plain/200 sims, 2 = XML/100 sims")
-    p.add_argument("--format", choices=[f.value for f in PromptFormat], default=None)
-    p.add_argument("--no-few-shot", action="store_true", help="leave the appendix A.1 demonstrations out")
-    p.add_argument("--c-puct", type=float, default=defaults.c_puct)
-    p.add_argument("--temperature", type=float, default=defaults.temperature)
-    p.add_argument("--max-depth", type=_positive, default=defaults.max_depth)
-    p.add_argument("--max-step-tokens", type=_positive, default=defaults.max_step_tokens)
-    p.add_argument("--prior", choices=[m.value for m in PriorMode], default=defaults.prior.value)
+    add_round_flag(p, default=None)
+    add_field_flags(p, SearchConfig, SEARCH_FLAGS, presets=ROUND_PRESETS)
     p.add_argument("--concurrency", type=_positive, default=32, help="trees searched at once")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default="auto", help="vLLM dtype (auto, float32, bfloat16, ...)")
@@ -92,23 +118,19 @@ def add_search_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def search_config(args: argparse.Namespace) -> SearchConfig:
-    overrides = {
-        "c_puct": args.c_puct,
-        "temperature": args.temperature,
-        "max_depth": args.max_depth,
-        "max_step_tokens": args.max_step_tokens,
-        "prior": args.prior,
-        "few_shot": not args.no_few_shot,
-    }
-    if args.round:
-        config = SearchConfig.round_preset(args.round, **overrides)
-        if args.simulations != SearchConfig().simulations:
-            config = config.model_copy(update={"simulations": args.simulations})
-    else:
-        config = SearchConfig(simulations=args.simulations, **overrides)
-    if args.format:
-        config = config.model_copy(update={"format": PromptFormat(args.format)})
-    return config
+    """The round preset (when ``--round`` is given) or the defaults, with every flag given on top."""
+    given = given_fields(args, SearchConfig)
+    try:
+        if args.round:
+            return SearchConfig.round_preset(args.round, **given)
+        return SearchConfig(**given)
+    except ValidationError as exc:
+        raise CLIError(validation_message(exc)) from exc
+
+
+def validation_message(exc: ValidationError) -> str:
+    parts = [f"{'.'.join(str(x) for x in e.get('loc', ()))}: {e.get('msg')}" for e in exc.errors()]
+    return "invalid settings: " + "; ".join(parts)
 
 
 def cmd_search(args: argparse.Namespace) -> int:
@@ -204,14 +226,7 @@ def cmd_round(args: argparse.Namespace) -> int:
     for flag, path in (("search-policy", args.search_policy), ("search-value", args.search_value)):
         if path is not None:
             _model_dir(path, flag)
-    search = SearchConfig.round_preset(
-        args.round,
-        few_shot=not args.no_few_shot,
-        max_step_tokens=args.max_step_tokens,
-        max_depth=args.max_depth,
-        **({"simulations": args.simulations} if args.simulations else {}),
-        **({"format": PromptFormat(args.format)} if args.format else {}),
-    )
+    search = search_config(args)
 
     def overrides(**values: object) -> dict[str, object]:
         return {k: v for k, v in values.items() if v is not None}
@@ -316,7 +331,7 @@ def build_parser(extensions: Sequence[Extension] = ()) -> argparse.ArgumentParse
     rnd.add_argument("--base", type=Path, required=True, help="base policy model directory")
     rnd.add_argument("--input", type=Path, required=True, help="training problems (GSM8K or MATH JSONL)")
     rnd.add_argument("--run-dir", type=Path, required=True, help="every artefact goes here; rerun to resume")
-    rnd.add_argument("--round", type=int, default=1, choices=[1, 2])
+    add_round_flag(rnd, default=1)
     rnd.add_argument(
         "--previous", type=Path, help="run directory of the previous round (round 2 searches with its models)"
     )
@@ -329,13 +344,7 @@ def build_parser(extensions: Sequence[Extension] = ()) -> argparse.ArgumentParse
     rnd.add_argument("--eval-input", type=Path, help="held-out problems to evaluate every policy on")
     rnd.add_argument("--limit", type=_positive)
     rnd.add_argument("--eval-limit", type=_positive)
-    rnd.add_argument("--simulations", type=_positive, help="default: the round preset (200 / 100)")
-    rnd.add_argument(
-        "--format", choices=[f.value for f in PromptFormat], help="default: the round preset (plain / xml)"
-    )
-    rnd.add_argument("--no-few-shot", action="store_true")
-    rnd.add_argument("--max-step-tokens", type=_positive, default=SearchConfig().max_step_tokens)
-    rnd.add_argument("--max-depth", type=_positive, default=SearchConfig().max_depth)
+    add_field_flags(rnd, SearchConfig, ROUND_SEARCH_FLAGS, presets=ROUND_PRESETS)
     rnd.add_argument("--concurrency", type=_positive, default=32)
     rnd.add_argument("--dtype", default="auto")
     rnd.add_argument("--marker-bias", type=float, default=0.0)

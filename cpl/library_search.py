@@ -1,13 +1,12 @@
 """`cpl search` in library mode: MCTS in-process on vLLM's offline engine, trees and datasets on disk.
 
-Trees are written to ``OUT/trees/<id>.json`` as they finish, and an interrupted run resumes: finished trees
-are kept, unfinished snapshots continue where they stopped.
+Trees are written to ``OUT/trees/<id>.json`` (`cpl.store.FileTreeStore`) as they finish, and an interrupted run
+resumes: finished trees are kept, unfinished snapshots continue where they stopped.
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -19,33 +18,7 @@ from cpl.pairs import export_datasets
 from cpl.problems import Problem
 from cpl.protocols import PolicyModel, ValueModel
 from cpl.search_stats import compute_stats, write_stats
-from cpl.tree import Tree
-
-log = logging.getLogger(__name__)
-
-SNAPSHOT_EVERY = 10  # simulations between snapshots of an unfinished tree
-
-
-def tree_path(out: Path, tree_id: str) -> Path:
-    return out / "trees" / f"{tree_id}.json"
-
-
-def load_or_create(mcts: MCTS, out: Path, problem: Problem) -> Tree:
-    path = tree_path(out, problem.id)
-    if path.is_file():
-        tree = Tree.model_validate_json(path.read_text())
-        if tree.question == problem.question and tree.config == mcts.config:
-            return tree
-        log.warning("tree %s was searched with other settings or question; starting it again", problem.id)
-    return mcts.new_tree(problem.id, problem.question, problem.gold)
-
-
-def save_tree(out: Path, tree: Tree) -> None:
-    path = tree_path(out, tree.id)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(tree.model_dump_json())
-    tmp.replace(path)  # atomic: a crash never leaves half a tree
+from cpl.store import FileTreeStore, load_trees, search_into_store
 
 
 async def search_problems(
@@ -58,26 +31,22 @@ async def search_problems(
     max_concurrent: int = 32,
     show_progress: bool = True,
 ) -> dict[str, int]:
-    """Search every problem (resuming saved trees), then export the four datasets and ``stats.json`` (Table 1,
-    `cpl.search_stats`). Returns dataset sizes."""
+    """Search every problem (resuming the trees stored in ``OUT/trees``), then export the four datasets and
+    ``stats.json`` (Table 1, `cpl.search_stats`).
+
+    Returns dataset sizes. Trees are read and written only through the `cpl.store.TreeStore` protocol.
+    """
     mcts = MCTS(policy, value, config)
-    trees = [load_or_create(mcts, out, p) for p in problems]
-    total = sum(config.simulations for _ in trees)
+    store = FileTreeStore(out / "trees")
+    trees = await load_trees(store, mcts, problems)
+    total = len(trees) * config.simulations
     bar = tqdm(total=total, initial=sum(t.simulations_done for t in trees), unit="sim", disable=not show_progress)
-
-    def progress(tree: Tree) -> None:
-        bar.update(1)
-        if tree.finished or tree.simulations_done % SNAPSHOT_EVERY == 0:
-            save_tree(out, tree)
-
     try:
-        await mcts.search_many(
-            [t for t in trees if not t.finished], max_concurrent=max_concurrent, on_progress=progress
+        await search_into_store(
+            mcts, trees, store, max_concurrent=max_concurrent, on_simulation=lambda _: bar.update(1)
         )
     finally:
         bar.close()
-    for tree in trees:
-        save_tree(out, tree)
     counts = export_datasets(trees, out)
     write_stats(out, compute_stats(trees, counts))
     return counts

@@ -22,6 +22,7 @@ from cpl.formats import StepKind
 from cpl.grading import extract_answer, is_equivalent
 from cpl.protocols import Candidate, ExpandRequest, PolicyModel, ValueModel
 from cpl.tree import Node, Tree
+from cpl.values import clamp_value
 
 ProgressCallback = Callable[[Tree], Awaitable[None] | None]
 CancelCheck = Callable[[], Awaitable[bool] | bool]
@@ -138,7 +139,7 @@ class MCTS:
         if to_value:
             results = await self.value.evaluate([tree.state(n) for n in to_value])
             for node, res in zip(to_value, results, strict=True):
-                node.V = max(-1.0, min(1.0, res.value))
+                node.V = clamp_value(res.value)
         for node in nodes:
             node.Q = node.V  # an unvisited child enters PUCT with Q = its initial value
 
@@ -161,7 +162,7 @@ class MCTS:
             raise ValueError(f"tree {tree.id} has no root")
         if tree.simulations_done == 0 and tree.root.N == 0:
             (root_value,) = await self.value.evaluate([tree.state(tree.root)])
-            tree.root.V = max(-1.0, min(1.0, root_value.value))
+            tree.root.V = clamp_value(root_value.value)
         while not tree.finished:
             if should_cancel is not None and await _maybe_await(should_cancel()):
                 raise SearchCancelled(tree)

@@ -25,6 +25,7 @@ from pydantic import BaseModel
 from cpl.formats import PromptFormat, Step, StepKind, render_prompt, render_response, render_step
 from cpl.schemas import PreferencePair, SFTExample, ValueExample
 from cpl.tree import Node, Tree
+from cpl.values import clamp_value
 
 MIN_VISITED_CHILDREN: int = 1
 """Visited children a non-terminal node needs for its V to count as a search value (default of the exports)."""
@@ -135,7 +136,7 @@ def value_examples(tree: Tree, *, min_visited_children: int = MIN_VISITED_CHILDR
     return [
         ValueExample(
             text=tree.state(node).value_prompt(),
-            value=max(-1.0, min(1.0, node.V)),
+            value=clamp_value(node.V),
             tree_id=tree.id,
             node_id=node.id,
             depth=node.depth,

@@ -44,7 +44,7 @@ sys.path.insert(0, str(REPO))
 
 from cpl.formats import StepKind  # noqa: E402
 from cpl.protocols import ExpandRequest, State  # noqa: E402
-from services.common.vllm_process import find_free_port  # noqa: E402
+from services.common.ports import find_free_port  # noqa: E402
 from services.policy.app import completion_payload  # noqa: E402
 
 NAMES = ["Ann", "Ben", "Carla", "Dev", "Emma", "Farid", "Gina", "Hugo"]
@@ -87,7 +87,8 @@ async def run_gateway(url: str, work: list[list[ExpandRequest]], concurrency: in
 
 
 async def run_direct(url: str, work: list[list[ExpandRequest]], concurrency: int, model: str) -> tuple[float, int]:
-    bodies = [[json.dumps(completion_payload(r, model)) for r in batch] for batch in work]
+    max_model_len = 4096  # the server runs with the gateway's default --max-model-len
+    bodies = [[json.dumps(completion_payload(r, model, max_model_len)) for r in batch] for batch in work]
     limit = concurrency * max(len(b) for b in work)
     async with aiohttp.ClientSession(url, connector=aiohttp.TCPConnector(limit=limit)) as session:
         semaphore = asyncio.Semaphore(concurrency)

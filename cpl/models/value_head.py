@@ -4,17 +4,18 @@ Value checkpoints are ``*ForSequenceClassification`` with ``num_labels=1``: a li
 applied to the hidden state of the *last* token. transformers and vLLM's pooling runner (``runner="pooling"``,
 ``classify``) both serve that layout. The head's raw output is the logit; the value is its tanh. vLLM applies
 an activation (sigmoid for one label) to classification outputs by default, so the serving side must ask for
-the raw logit (``use_activation=False``) and take the tanh itself.
+the raw logit (``use_activation=False``) and apply :func:`cpl.values.value_from_logit` itself.
 """
 
 from __future__ import annotations
 
-import math
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+
+from cpl.values import value_from_logit
 
 SCORE_INIT_STD = 0.02
 """Standard deviation of the fresh score head (small, so that untrained values stay near 0)."""
@@ -30,13 +31,6 @@ TOKENIZER_FILES = (
     "chat_template.jinja",
 )
 """Files that make up a saved HF tokenizer (whichever of them exist are copied with a checkpoint)."""
-
-
-def value_from_logit(x: float | torch.Tensor) -> float | torch.Tensor:
-    """The value definition: V = tanh(logit of the score head), in [-1, 1]."""
-    if isinstance(x, torch.Tensor):
-        return torch.tanh(x)
-    return math.tanh(x)
 
 
 def _copy_tokenizer(src: Path, dst: Path) -> None:

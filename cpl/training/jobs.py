@@ -38,7 +38,9 @@ from cpl.training.data import (
 )
 from cpl.training.logps import completion_logps, concat_batch, pad, pair_batch, pair_logps
 from cpl.training.loop import fit
+from cpl.training.resume import FitHooks, bind_hooks
 from cpl.training.runtime import Forward, Runtime, TrainEngine, resolve_runtime
+from cpl.values import value_from_logit
 
 log = logging.getLogger(__name__)
 
@@ -202,8 +204,11 @@ def train_sft(
     config: SFTConfig | None = None,
     *,
     overwrite: bool = False,
+    hooks: FitHooks | None = None,
 ) -> TrainResult:
-    """SFT of the causal LM in ``model_dir`` on ``sft.jsonl`` rows; writes a policy checkpoint to ``out_dir``."""
+    """SFT of the causal LM in ``model_dir`` on ``sft.jsonl`` rows; writes a policy checkpoint to ``out_dir``.
+
+    ``hooks``: resume from / save a training state, report each step (:class:`cpl.training.resume.FitHooks`)."""
     config = config or SFTConfig()
     model_dir = check_model_dir(model_dir)
     check_out_dir(out_dir, overwrite=overwrite)
@@ -216,7 +221,7 @@ def train_sft(
     model = load_policy(model_dir, runtime, gradient_checkpointing=config.gradient_checkpointing)
     engine = TrainEngine(Forward(model, _sft_forward), config, runtime, config.total_steps(len(examples)))
     job = SFTJob(examples, tokenizer.pad_token_id, runtime.torch_device)
-    history, metrics = fit(job, engine, config)
+    history, metrics = fit(job, engine, config, bind_hooks(hooks, "sft", model_dir, files, config))
     manifest = _manifest("sft", "policy", model_dir, files, len(rows), len(examples), dropped, config, runtime, engine)
     manifest["metrics"] = metrics
     manifest = save_checkpoint(
@@ -341,7 +346,9 @@ class Fitted:
     history: list[dict[str, Any]]
 
 
-def fit_preference(model_dir: Path, data: Sequence[Path], config: PreferenceConfig | None = None) -> Fitted:
+def fit_preference(
+    model_dir: Path, data: Sequence[Path], config: PreferenceConfig | None = None, hooks: FitHooks | None = None
+) -> Fitted:
     """Step-APO / Step-DPO / DPO (``config.loss``) from the policy in ``model_dir`` (also the reference).
 
     Reads and tokenises the pairs, computes the reference log-probs once, trains; does not save.
@@ -366,7 +373,7 @@ def fit_preference(model_dir: Path, data: Sequence[Path], config: PreferenceConf
     start = time.perf_counter()
     job.compute_reference(engine, config.reference_batch_size or 2 * config.micro)
     reference_seconds = time.perf_counter() - start
-    history, metrics = fit(job, engine, config)
+    history, metrics = fit(job, engine, config, bind_hooks(hooks, config.loss, model_dir, files, config))
     metrics["reference_seconds"] = round(reference_seconds, 3)
     manifest = _manifest(
         config.loss, "policy", model_dir, files, len(rows), len(pairs), dropped, config, runtime, engine
@@ -383,10 +390,11 @@ def train_preference(
     config: PreferenceConfig | None = None,
     *,
     overwrite: bool = False,
+    hooks: FitHooks | None = None,
 ) -> TrainResult:
     """:func:`fit_preference`, then save the policy checkpoint to ``out_dir``."""
     check_out_dir(out_dir, overwrite=overwrite)
-    fitted = fit_preference(model_dir, data, config)
+    fitted = fit_preference(model_dir, data, config, hooks)
     manifest = save_checkpoint(
         fitted.model,
         out_dir,
@@ -404,7 +412,7 @@ def train_preference(
 def _value_forward(model: nn.Module, **batch: Tensor) -> Tensor:
     """V = tanh(score logit on the last non-pad token), float32, ``[B]``."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    return torch.tanh(logits[:, 0].float())
+    return value_from_logit(logits[:, 0].float())
 
 
 class ValueJob:
@@ -458,6 +466,7 @@ def train_value(
     config: ValueConfig | None = None,
     *,
     overwrite: bool = False,
+    hooks: FitHooks | None = None,
 ) -> TrainResult:
     """MSE of the value model's tanh(logit) against MCTS values (``value.jsonl`` rows).
 
@@ -483,7 +492,7 @@ def train_value(
         Forward(model, _value_forward), config, runtime, config.total_steps(len(examples)), param_groups=groups
     )
     job = ValueJob(examples, model.config.pad_token_id, runtime.torch_device)
-    history, metrics = fit(job, engine, config)
+    history, metrics = fit(job, engine, config, bind_hooks(hooks, "value", model_dir, files, config))
     manifest = _manifest("value", "value", model_dir, files, len(rows), len(examples), dropped, config, runtime, engine)
     manifest["metrics"] = metrics
     manifest = save_checkpoint(

@@ -1,160 +1,90 @@
-"""The parts of a gateway app that policy and value share: life cycle, health, readiness, metrics, model info,
-the authenticated hot-swap endpoint, error mapping, and the upstream call helper."""
+"""The app factory every service uses: ``/health``, ``/ready``, ``/metrics``, request metrics, and the one
+handler of :class:`services.common.errors.APIError`.
+
+``/ready`` answers 200 only when the readiness callable says a request would succeed now (for a gateway: vLLM
+answers; for the search API: Redis and both inference services answer), else 503 + ``Retry-After``.
+"""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import json
-import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
 from typing import Any
 
-import aiohttp
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, Field
 
-from services.common.auth import admin_auth
-from services.common.checkpoints import CheckpointError
-from services.common.engine import EngineCallError, EngineService
-from services.common.gate import EngineUnavailable
-from services.common.metrics import MetricsMiddleware
+from services.common.errors import APIError
+from services.common.metrics import MetricsMiddleware, ServiceMetrics
 
-try:  # msgspec comes with vLLM; it decodes vLLM's answers ~3x faster than json (they carry per-token lists)
-    from msgspec.json import decode as _decode_json
-except ImportError:  # pragma: no cover
-    _decode_json = json.loads
-
-log = logging.getLogger(__name__)
-
-VERSION_HEADER = "X-Model-Version"
+Readiness = Callable[[], Awaitable[tuple[bool, str]]]
 
 
-class SwapRequest(BaseModel):
-    path: str = Field(description="checkpoint directory: absolute, or relative to the checkpoint root")
-    version: str | None = Field(default=None, description="version label (default: the load counter)")
+async def _alive() -> tuple[bool, str]:
+    return True, "alive"
 
 
-class SwapResponse(BaseModel):
-    version: str
-    previous_version: str
-    checkpoint: str
-    loaded_at: str
-    swap_seconds: float
+def _health_of(check: Callable[[], tuple[bool, str]] | None) -> Callable[[], Awaitable[tuple[bool, str]]]:
+    if check is None:
+        return _alive
+
+    async def wrapped() -> tuple[bool, str]:
+        return check()
+
+    return wrapped
 
 
-class ModelInfo(BaseModel):
-    version: str
-    checkpoint: str
-    loaded_at: str
-    served_model_name: str
-    loads: int
-
-
-JSON_HEADERS = {"Content-Type": "application/json"}
-
-
-async def post_upstream(service: EngineService, path: str, payload: dict[str, Any]) -> Any:
-    """POST JSON to vLLM and decode the answer; failures become :class:`EngineCallError` (502/503/504/400)."""
-    session = service.upstream
-    if session is None:
-        raise EngineUnavailable("starting", service.settings.retry_after_s)
-    try:
-        async with session.post(path, data=json.dumps(payload), headers=JSON_HEADERS) as response:
-            content = await response.read()
-            status = response.status
-    except TimeoutError as exc:
-        raise EngineCallError(504, f"vLLM {path} timed out: {exc!r}") from exc
-    except aiohttp.ClientError as exc:
-        raise EngineCallError(503, f"vLLM {path} unreachable: {exc!r}") from exc
-    if status >= 400:
-        code = 400 if status < 500 else 502
-        text = content[:800].decode("utf-8", "replace")
-        raise EngineCallError(code, f"vLLM {path} answered HTTP {status}: {text}")
-    return _decode_json(content)
-
-
-async def gather_all(aws: list[Awaitable[Any]]) -> list[Any]:
-    """``asyncio.gather`` that cancels the siblings when one fails (and re-raises that one failure)."""
-    try:
-        async with asyncio.TaskGroup() as group:
-            tasks = [group.create_task(aw) for aw in aws]  # type: ignore[arg-type]
-    except BaseExceptionGroup as eg:
-        raise eg.exceptions[0] from None
-    return [t.result() for t in tasks]
-
-
-def create_app(
-    service: EngineService,
+def create_service_app(
     *,
     title: str,
-    register: Callable[[FastAPI, EngineService], None],
+    metrics: ServiceMetrics,
+    ready: Readiness,
+    health: Callable[[], tuple[bool, str]] | None = None,
+    ready_info: Callable[[], dict[str, Any]] | None = None,
+    retry_after_s: int = 2,
+    lifespan: Callable[[FastAPI], AbstractAsyncContextManager[None]]
+    | Callable[[FastAPI], AsyncIterator[None]]
+    | None = None,
+    **fastapi_kwargs: Any,
 ) -> FastAPI:
-    """A FastAPI app that starts ``service`` in the background and serves the shared endpoints."""
+    """A FastAPI app with the shared endpoints; the service adds its routes to the returned app.
 
-    @contextlib.asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        service.start_in_background()
-        try:
-            yield
-        finally:
-            await service.stop()
+    ``health`` says whether the process should be restarted (liveness), ``ready`` whether it can serve now;
+    ``ready_info`` adds fields to ``/ready``'s answer (a gateway's model version).
+    """
+    app = FastAPI(title=title, lifespan=lifespan, **fastapi_kwargs)  # type: ignore[arg-type]
+    app.state.metrics = metrics
+    check_health = _health_of(health)
 
-    app = FastAPI(title=title, lifespan=lifespan)
-    app.state.service = service
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+        return JSONResponse({"detail": exc.message}, status_code=exc.status, headers=exc.headers())
 
-    @app.exception_handler(EngineUnavailable)
-    async def _unavailable(request: Request, exc: EngineUnavailable) -> JSONResponse:
-        return JSONResponse(
-            {"detail": f"{service.name} service: {exc.reason}"},
-            status_code=503,
-            headers={"Retry-After": str(exc.retry_after_s)},
-        )
-
-    @app.exception_handler(EngineCallError)
-    async def _engine_error(request: Request, exc: EngineCallError) -> JSONResponse:
-        headers = {"Retry-After": str(service.settings.retry_after_s)} if exc.status == 503 else None
-        return JSONResponse(
-            {"detail": f"{service.name} service: {exc.message}"}, status_code=exc.status, headers=headers
-        )
-
-    @app.exception_handler(CheckpointError)
-    async def _checkpoint_error(request: Request, exc: CheckpointError) -> JSONResponse:
-        headers = {"Retry-After": str(service.settings.retry_after_s)} if exc.status in (409, 503) else None
-        return JSONResponse({"detail": exc.message}, status_code=exc.status, headers=headers)
-
-    @app.get("/health")
-    async def health() -> JSONResponse:
-        ok, detail = service.health()
+    @app.get("/health", tags=["operations"])
+    async def health_endpoint() -> JSONResponse:
+        """Liveness: 200 while the process works, 503 when it should be restarted."""
+        ok, detail = await check_health()
         return JSONResponse({"status": detail}, status_code=200 if ok else 503)
 
-    @app.get("/ready")
-    async def ready() -> JSONResponse:
-        ok, detail = await service.ready()
+    @app.get("/ready", tags=["operations"])
+    async def ready_endpoint() -> JSONResponse:
+        """Readiness: 200 only when a request would succeed now; else 503 + Retry-After with the reason."""
+        ok, detail = await ready()
+        body: dict[str, Any] = {"ready": ok, "status": detail}
+        if ready_info is not None:
+            body.update(ready_info())
         return JSONResponse(
-            {"ready": ok, "status": detail, "model_version": service.version},
-            status_code=200 if ok else 503,
-            headers=None if ok else {"Retry-After": str(service.settings.retry_after_s)},
+            body, status_code=200 if ok else 503, headers=None if ok else {"Retry-After": str(retry_after_s)}
         )
 
-    @app.get("/metrics")
-    async def metrics() -> Response:
-        body, content_type = service.metrics.render()
+    @app.get("/metrics", tags=["operations"])
+    async def metrics_endpoint() -> Response:
+        """Prometheus metrics (text exposition format)."""
+        body, content_type = metrics.render()
         return Response(body, media_type=content_type)
 
-    @app.get("/v1/model", response_model=ModelInfo)
-    async def model() -> dict[str, Any]:
-        return service.model_info()
+    def routes() -> set[str]:
+        return {route.path for route in app.routes if hasattr(route, "path")}
 
-    require_admin = admin_auth(service.settings.resolved_admin_token)
-
-    @app.post("/admin/checkpoint", response_model=SwapResponse, dependencies=[Depends(require_admin)])
-    async def swap_checkpoint(body: SwapRequest) -> dict[str, Any]:
-        """Hot-swap the weights (bearer token). 4xx: refused, old weights serving; 5xx: see the message."""
-        return await service.swap(body.path, body.version)
-
-    register(app, service)
-    endpoints = {route.path for route in app.routes if hasattr(route, "path")}
-    app.add_middleware(MetricsMiddleware, metrics=service.metrics, endpoints=endpoints)
+    app.add_middleware(MetricsMiddleware, metrics=metrics, routes=routes)
     return app

@@ -1,8 +1,7 @@
-"""Running a gateway app under uvicorn with the service's settings and JSON logs."""
+"""Running a service app under uvicorn with the service's settings and JSON logs."""
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -10,11 +9,11 @@ import uvicorn
 from fastapi import FastAPI
 
 from services.common.logging import configure_logging
-from services.common.settings import EngineServiceSettings
+from services.common.settings import ServerSettings
 
 
-def run_app(name: str, settings: EngineServiceSettings, factory: Callable[[Any], FastAPI]) -> None:
-    """Serve ``factory(settings)`` until SIGINT/SIGTERM; exit 1 if the engine failed to start."""
+def run_app(name: str, settings: ServerSettings, factory: Callable[[Any], FastAPI]) -> FastAPI:
+    """Serve ``factory(settings)`` until SIGINT/SIGTERM; answers the app so the caller can read its end state."""
     configure_logging(settings.log_level, settings.log_format, service=name)
     app = factory(settings)
     uvicorn.run(
@@ -25,7 +24,4 @@ def run_app(name: str, settings: EngineServiceSettings, factory: Callable[[Any],
         access_log=settings.access_log,
         timeout_graceful_shutdown=30,
     )
-    fatal = app.state.service.fatal
-    if fatal:
-        print(f"{name} service: {fatal}", file=sys.stderr)
-        sys.exit(1)
+    return app

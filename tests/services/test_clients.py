@@ -136,3 +136,73 @@ def test_empty_batches_make_no_call():
             return await client.expand([])
 
     assert asyncio.run(run()) == []
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        lambda request: httpx.Response(503, headers={"Retry-After": "0"}, json={"detail": "policy service: busy"}),
+        lambda request: (_ for _ in ()).throw(httpx.ReadError("connection reset", request=request)),
+    ],
+    ids=["503", "connection-broke"],
+)
+def test_a_hot_swap_is_never_sent_twice(answer):
+    """``POST /admin/checkpoint`` changes the served weights: a retry could swap twice, so none happens."""
+    swaps = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        swaps.append(request)
+        return answer(request)
+
+    async def run():
+        async with _policy(handler, admin_token="secret") as client:
+            await client.swap_checkpoint("B/policy")
+
+    with pytest.raises(ServiceError):
+        asyncio.run(run())
+    assert len(swaps) == 1
+    assert swaps[0].headers["authorization"] == "Bearer secret" and swaps[0].url.path == "/admin/checkpoint"
+
+
+def test_a_hot_swap_that_could_not_connect_is_sent_again():
+    """A refused connection means the server never saw the request: sending it again cannot swap twice."""
+    swaps = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        swaps.append(request)
+        if len(swaps) == 1:
+            raise httpx.ConnectError("connection refused", request=request)
+        return httpx.Response(200, json={"version": "2"})
+
+    async def run():
+        async with _policy(handler, admin_token="secret") as client:
+            return await client.swap_checkpoint("B/policy")
+
+    assert asyncio.run(run()) == {"version": "2"} and len(swaps) == 2
+
+
+def test_admin_call_without_a_token_is_refused_locally():
+    def handler(request: httpx.Request) -> httpx.Response:
+        raise AssertionError("no request expected")
+
+    async def run():
+        async with _policy(handler) as client:
+            await client.swap_checkpoint("B/policy")
+
+    with pytest.raises(ServiceError, match="no admin token"):
+        asyncio.run(run())
+
+
+def test_api_key_is_sent_as_bearer_token():
+    seen = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request.headers.get("authorization"))
+        return httpx.Response(200, json=_expand_answer())
+
+    async def run():
+        async with _policy(handler, api_key="k1") as client:
+            await client.expand(REQUESTS)
+
+    asyncio.run(run())
+    assert seen == ["Bearer k1"]

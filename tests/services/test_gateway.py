@@ -17,8 +17,8 @@ from safetensors.torch import save_file
 
 from cpl.formats import PromptFormat, StepKind
 from cpl.protocols import ExpandRequest, State
-from services.common.app import create_app
-from services.common.engine import EngineService
+from services.gateway.app import create_gateway_app
+from services.gateway.vllm_gateway import VLLMGateway
 from services.policy.app import register_policy_routes
 from services.policy.settings import PolicySettings
 from services.value.app import register_value_routes
@@ -35,7 +35,7 @@ def _checkpoint(directory: Path, architecture: str = "LlamaForCausalLM") -> Path
 
 
 class FakeServer:
-    """Stands in for :class:`services.common.vllm_process.VLLMServer`."""
+    """Stands in for :class:`services.gateway.vllm_process.VLLMServer`."""
 
     base_url = "http://vllm.test"
 
@@ -112,7 +112,7 @@ class FakeVLLM:
 
 
 @contextlib.asynccontextmanager
-async def running(service: EngineService, fake: FakeVLLM, app) -> AsyncIterator[httpx.AsyncClient]:
+async def running(service: VLLMGateway, fake: FakeVLLM, app) -> AsyncIterator[httpx.AsyncClient]:
     """Serve ``fake`` on a free port, start ``service`` against it, yield a client of the gateway ``app``."""
     web_app = web.Application()
     web_app.router.add_route("*", "/{tail:.*}", fake.handle)
@@ -145,9 +145,9 @@ def _gateway(tmp_path: Path, *, value: bool = False, **settings_over):
         _checkpoint(root / "v2")
         settings = PolicySettings(model=root / "v1", checkpoint_root=root, admin_token=TOKEN, **settings_over)
     fake = FakeVLLM()
-    service = EngineService(settings, name="value" if value else "policy", runner="pooling" if value else "generate")
+    service = VLLMGateway(settings, name="value" if value else "policy", runner="pooling" if value else "generate")
     service.server = FakeServer()  # type: ignore[assignment]
-    app = create_app(service, title="test", register=register_value_routes if value else register_policy_routes)
+    app = create_gateway_app(service, title="test", register=register_value_routes if value else register_policy_routes)
     return service, fake, app, root
 
 

@@ -11,7 +11,7 @@ import pytest
 
 from services.cli import add_serve_parser, overrides_from_args
 from services.common.logging import JsonFormatter
-from services.common.vllm_process import vllm_command
+from services.gateway.vllm_process import vllm_command
 from services.policy.settings import PolicySettings
 from services.value.settings import ValueSettings
 

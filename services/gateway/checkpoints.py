@@ -16,14 +16,11 @@ import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from services.common.errors import APIError
 
-class CheckpointError(Exception):
+
+class CheckpointError(APIError):
     """A checkpoint path or checkpoint that cannot be swapped in; ``status`` is the HTTP status to answer."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
 
 
 # Config fields that decide the module tree, the tensor shapes or the forward computation. The engine's config is
@@ -94,6 +91,9 @@ def resolve_checkpoint_path(root: Path | None, requested: str) -> Path:
     real = candidate.resolve(strict=False)
     if real != real_root and not real.is_relative_to(real_root):
         raise CheckpointError(400, f"checkpoint path {requested!r} lies outside the checkpoint root {real_root}")
+    if any(part.startswith(".") for part in real.relative_to(real_root).parts):
+        # Hidden directories are work areas (a training job's staging output and resumable state): never served.
+        raise CheckpointError(400, f"checkpoint path {requested!r} is a hidden work directory, not a checkpoint")
     if not real.exists():
         raise CheckpointError(404, f"checkpoint directory {requested!r} does not exist")
     if not real.is_dir():

@@ -9,14 +9,15 @@ import contextlib
 import time
 from collections.abc import AsyncIterator
 
+from services.common.errors import APIError
 
-class EngineUnavailable(Exception):
+
+class EngineUnavailable(APIError):
     """The engine is swapping or restarting and the request waited long enough: answer 503 + Retry-After."""
 
-    def __init__(self, reason: str, retry_after_s: int) -> None:
-        super().__init__(reason)
+    def __init__(self, service: str, reason: str, retry_after_s: int) -> None:
+        super().__init__(503, f"{service} service: {reason}", retry_after=retry_after_s)
         self.reason = reason
-        self.retry_after_s = retry_after_s
 
 
 class DrainTimeout(Exception):
@@ -24,7 +25,8 @@ class DrainTimeout(Exception):
 
 
 class SwapGate:
-    def __init__(self, *, wait_s: float, retry_after_s: int) -> None:
+    def __init__(self, *, service: str, wait_s: float, retry_after_s: int) -> None:
+        self.service = service
         self.wait_s = wait_s
         self.retry_after_s = retry_after_s
         self._open = asyncio.Event()
@@ -54,7 +56,9 @@ class SwapGate:
         while not self._open.is_set():
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise EngineUnavailable(f"engine {self.reason or 'unavailable'}; retry later", self.retry_after_s)
+                raise EngineUnavailable(
+                    self.service, f"engine {self.reason or 'unavailable'}; retry later", self.retry_after_s
+                )
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._open.wait(), remaining)
         self._in_flight += 1

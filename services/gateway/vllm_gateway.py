@@ -32,36 +32,38 @@ from typing import Any
 import aiohttp
 import httpx
 
-from services.common.checkpoints import (
+from services.common.errors import APIError
+from services.gateway.checkpoints import (
     CheckpointError,
     CheckpointManifest,
     check_compatible,
     read_manifest,
     resolve_checkpoint_path,
 )
-from services.common.gate import DrainTimeout, SwapGate
-from services.common.metrics import ServiceMetrics
-from services.common.settings import EngineServiceSettings
-from services.common.vllm_process import Runner, VLLMServer
+from services.gateway.gate import DrainTimeout, SwapGate
+from services.gateway.metrics import GatewayMetrics
+from services.gateway.settings import GatewaySettings
+from services.gateway.vllm_process import Runner, VLLMServer
 
 log = logging.getLogger(__name__)
 
 
-class EngineCallError(Exception):
-    """A call from the gateway to its vLLM server failed; ``status`` is what the gateway answers."""
+class VLLMCallError(APIError):
+    """A call from the gateway to its vLLM server failed; ``status`` is what the gateway answers, ``cause`` the
+    failure without the service prefix."""
 
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
+    def __init__(self, status: int, cause: str, *, service: str, retry_after: int | None = None) -> None:
+        super().__init__(status, f"{service} service: {cause}", retry_after=retry_after)
+        self.cause = cause
 
 
-class EngineService:
-    """Owns the vLLM child process, the gateway -> vLLM connection pool, the gate, and the model version."""
+class VLLMGateway:
+    """The core of a gateway: owns the vLLM child process, the gateway -> vLLM connection pool, the swap gate,
+    and the model version being served."""
 
     def __init__(
         self,
-        settings: EngineServiceSettings,
+        settings: GatewaySettings,
         *,
         name: str,
         runner: Runner,
@@ -69,9 +71,9 @@ class EngineService:
     ) -> None:
         self.settings = settings
         self.name = name
-        self.metrics = ServiceMetrics(name)
+        self.metrics = GatewayMetrics(name)
         self.server = VLLMServer(settings, runner=runner, extra_args=extra_vllm_args, name=f"{name}-vllm")
-        self.gate = SwapGate(wait_s=settings.swap_wait_s, retry_after_s=settings.retry_after_s)
+        self.gate = SwapGate(service=name, wait_s=settings.swap_wait_s, retry_after_s=settings.retry_after_s)
         self.version = settings.model_version
         self.checkpoint: Path = settings.model.resolve()
         self.loaded_at = time.time()
@@ -178,14 +180,19 @@ class EngineService:
 
     # --- calls to vLLM -------------------------------------------------------------------------------------
 
+    def call_error(self, status: int, cause: str) -> VLLMCallError:
+        """The error answered for a failed call to vLLM (a 503 tells the caller when to retry)."""
+        retry_after = self.settings.retry_after_s if status == 503 else None
+        return VLLMCallError(status, cause, service=self.name, retry_after=retry_after)
+
     async def _call(self, method: str, path: str, **kwargs: Any) -> Any:
         assert self._dev is not None
         try:
             response = await self._dev.request(method, path, **kwargs)
         except httpx.HTTPError as exc:
-            raise EngineCallError(503, f"vLLM {path}: {exc!r}") from exc
+            raise self.call_error(503, f"vLLM {path}: {exc!r}") from exc
         if response.status_code >= 300:
-            raise EngineCallError(502, f"vLLM {path} answered HTTP {response.status_code}: {response.text[:800]}")
+            raise self.call_error(502, f"vLLM {path} answered HTTP {response.status_code}: {response.text[:800]}")
         if not response.content:
             return None
         try:
@@ -208,6 +215,8 @@ class EngineService:
             try:
                 result = await self._swap(requested, version)
             except CheckpointError as exc:
+                if exc.status in (409, 503):
+                    exc.retry_after = self.settings.retry_after_s
                 self.metrics.swaps.labels("refused" if exc.status < 500 else "failed").inc()
                 log.warning("swap refused", extra={"path": requested, "status": exc.status, "reason": exc.message})
                 raise
@@ -257,8 +266,8 @@ class EngineService:
         """Steps 3-7 of the sequence; runs with the gate closed and nothing in flight through the gateway."""
         try:
             await self._call("POST", "/pause", params={"mode": "wait"})
-        except EngineCallError as exc:
-            raise CheckpointError(503, f"could not pause the engine, nothing changed: {exc.message}") from exc
+        except VLLMCallError as exc:
+            raise CheckpointError(503, f"could not pause the engine, nothing changed: {exc.cause}") from exc
         try:
             await self._call(
                 "POST",
@@ -268,14 +277,12 @@ class EngineService:
             await self._reset_prefix_cache()
             await self._call("POST", "/update_weight_version", json={"new_version": new_version})
             await self._call("POST", "/resume")
-        except EngineCallError as exc:
-            log.error(
-                "reload failed inside vLLM; restarting it on the previous checkpoint", extra={"error": exc.message}
-            )
+        except VLLMCallError as exc:
+            log.error("reload failed inside vLLM; restarting it on the previous checkpoint", extra={"error": exc.cause})
             await self._restart_on_previous()
             raise CheckpointError(
                 500,
-                f"vLLM failed to load {real}: {exc.message}. The engine was restarted on the previous checkpoint "
+                f"vLLM failed to load {real}: {exc.cause}. The engine was restarted on the previous checkpoint "
                 f"{self.checkpoint} (version {self.version}), which is serving again.",
             ) from exc
 
@@ -285,7 +292,7 @@ class EngineService:
             if not isinstance(result, dict) or result.get("success", True):
                 return
             await asyncio.sleep(0.1)
-        raise EngineCallError(502, "vLLM /reset_prefix_cache kept answering success=false")
+        raise self.call_error(502, "vLLM /reset_prefix_cache kept answering success=false")
 
     async def _restart_on_previous(self) -> None:
         self.gate.reason = "restarting"

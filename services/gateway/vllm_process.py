@@ -18,7 +18,6 @@ import contextlib
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -28,7 +27,8 @@ from typing import Literal
 
 import httpx
 
-from services.common.settings import EngineServiceSettings
+from services.common.ports import find_free_port
+from services.gateway.settings import GatewaySettings
 
 log = logging.getLogger(__name__)
 child_log = logging.getLogger("vllm.child")
@@ -40,14 +40,8 @@ class VLLMStartError(RuntimeError):
     """The vLLM server exited or did not become healthy in time."""
 
 
-def find_free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
-
-
 def vllm_command(
-    settings: EngineServiceSettings,
+    settings: GatewaySettings,
     *,
     runner: Runner,
     model: Path,
@@ -110,7 +104,7 @@ class VLLMServer:
 
     def __init__(
         self,
-        settings: EngineServiceSettings,
+        settings: GatewaySettings,
         *,
         runner: Runner,
         extra_args: list[str] | None = None,
