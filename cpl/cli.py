@@ -84,6 +84,7 @@ SEARCH_FLAGS: tuple[FieldFlag | str, ...] = (
 
 ROUND_SEARCH_FLAGS: tuple[FieldFlag | str, ...] = (
     "simulations",
+    "format",
     "max_step_tokens",
     "max_depth",
     FieldFlag("few_shot", negate=True),
