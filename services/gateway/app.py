@@ -8,6 +8,8 @@ import contextlib
 import json
 import logging
 import math
+import os
+import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -127,6 +129,15 @@ def create_gateway_app(
         lifespan=lifespan,
     )
     app.state.service = service
+
+    def request_exit() -> None:
+        hook = getattr(app.state, "request_exit", None)  # set by services.common.serve.run_app
+        if hook is not None:
+            hook()
+        else:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    service.request_exit = request_exit
 
     @app.get("/v1/model", response_model=ModelInfo)
     async def model() -> dict[str, Any]:

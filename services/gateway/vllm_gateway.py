@@ -109,6 +109,9 @@ class VLLMGateway:
         self._restarts: list[float] = []
         self._probed_at = float("-inf")
         self._probe_problem: str | None = None
+        # How the gateway ends itself when the engine is gone for good (create_gateway_app wires the server's own
+        # shutdown; the exit code then comes from services.gateway.serve).
+        self.request_exit: Callable[[], None] = lambda: os.kill(os.getpid(), signal.SIGTERM)
 
     # --- life cycle ----------------------------------------------------------------------------------------
 
@@ -122,7 +125,8 @@ class VLLMGateway:
         except Exception as exc:
             self.fatal = f"start-up failed: {exc}"
             log.error("%s service failed to start; shutting down", self.name, exc_info=True)
-            os.kill(os.getpid(), signal.SIGTERM)
+            await asyncio.to_thread(self.server.stop)
+            self.request_exit()
 
     async def start(self) -> None:
         try:
@@ -198,7 +202,7 @@ class VLLMGateway:
             )
             log.error("%s service: giving up on vLLM; exiting", self.name, extra={"reason": self.fatal})
             await asyncio.to_thread(self.server.stop)  # the engine-core and workers of the dead child too
-            os.kill(os.getpid(), signal.SIGTERM)
+            self.request_exit()
             return
         delay = s.vllm_restart_backoff_s * 2 ** len(self._restarts)
         self._restarts.append(now)
