@@ -57,6 +57,8 @@ from services.gateway.vllm_process import Runner, VLLMServer
 
 log = logging.getLogger(__name__)
 
+PROBE_TIMEOUT_S = 5.0
+
 
 class VLLMCallError(APIError):
     """A call from the gateway to its vLLM server failed; ``status`` is what the gateway answers, ``cause`` the
@@ -272,8 +274,13 @@ class VLLMGateway:
         if response.status_code != 200:
             return False, f"vLLM /health answered {response.status_code}"
         if time.monotonic() - self._probed_at >= self.settings.ready_probe_interval_s:
-            self._probe_problem = await self.run_probe()
-            self._probed_at = time.monotonic()
+            try:
+                # Behind a long queue the probe may take a while; /ready must answer quickly, so a probe that is
+                # slow keeps the last verdict (a slow engine is not a broken one).
+                self._probe_problem = await asyncio.wait_for(self.run_probe(), PROBE_TIMEOUT_S)
+                self._probed_at = time.monotonic()
+            except TimeoutError:
+                log.warning("readiness probe slower than %.0fs; keeping the last verdict", PROBE_TIMEOUT_S)
         if self._probe_problem:
             return False, f"the model answers unusable numbers: {self._probe_problem}"
         return True, "ready"
@@ -318,6 +325,8 @@ class VLLMGateway:
         """Load the checkpoint at ``requested`` in place; raises :class:`CheckpointError` with an HTTP status."""
         if not self.started:
             raise CheckpointError(503, f"{self.name} service is not ready yet")
+        if self.gate.reason == "restarting" and not self.gate.is_open:
+            raise CheckpointError(503, f"{self.name} service: the vLLM child is being restarted; retry later")
         if self._swap_lock.locked():
             raise CheckpointError(409, "a swap is already in progress")
         async with self._swap_lock:

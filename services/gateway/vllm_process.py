@@ -118,19 +118,22 @@ class VLLMServer:
         self.runner: Runner = runner
         self.extra_args = list(extra_args or [])
         self.name = name
-        self.uds: Path | None = None
-        if settings.vllm_uds:
-            # A private directory (mkdtemp: mode 0700): only the gateway's user can connect to the socket in it.
-            self._uds_dir: Path | None = Path(tempfile.mkdtemp(prefix=f"cpl-{name}-"))
-            self.uds = self._uds_dir / "vllm.sock"
-            self.port = 0
-        else:
-            self._uds_dir = None
-            self.port = settings.vllm_port or find_free_port(settings.vllm_host)
+        self._uds_dir: Path | None = None
+        self.port = 0 if settings.vllm_uds else settings.vllm_port or find_free_port(settings.vllm_host)
         self.proc: subprocess.Popen[bytes] | None = None
         self.model: Path | None = None
         self._tail: collections.deque[str] = collections.deque(maxlen=60)
         self._reader: threading.Thread | None = None
+
+    @property
+    def uds(self) -> Path | None:
+        """The socket path (with ``vllm_uds``), in a private directory made on first use (mkdtemp: mode 0700, so
+        only the gateway's user can connect to the socket in it)."""
+        if not self.settings.vllm_uds:
+            return None
+        if self._uds_dir is None:
+            self._uds_dir = Path(tempfile.mkdtemp(prefix=f"cpl-{self.name}-"))
+        return self._uds_dir / "vllm.sock"
 
     @property
     def base_url(self) -> str:
@@ -252,3 +255,4 @@ class VLLMServer:
         self.stop()
         if self._uds_dir is not None:
             shutil.rmtree(self._uds_dir, ignore_errors=True)
+            self._uds_dir = None

@@ -187,13 +187,14 @@ def test_the_watchdog_restarts_a_dead_child_on_the_served_checkpoint(tmp_path):
 def test_the_child_listens_on_a_private_unix_socket_by_default(tmp_path):
     settings = PolicySettings(model=tmp_path)
     server = VLLMServer(settings, runner="generate", name="t")
+    socket = server.uds
     try:
-        assert server.uds is not None and (server.uds.parent.stat().st_mode & 0o777) == 0o700
+        assert socket is not None and (socket.parent.stat().st_mode & 0o777) == 0o700
         cmd = server.command(tmp_path)
-        assert cmd[cmd.index("--uds") + 1] == str(server.uds)
+        assert cmd[cmd.index("--uds") + 1] == str(socket)
         assert "--port" not in cmd and "--host" not in cmd
     finally:
         server.close()
-    assert not server.uds.parent.exists()
+    assert not socket.parent.exists()
     tcp = vllm_command(PolicySettings(model=tmp_path, vllm_uds=False), runner="generate", model=tmp_path, port=1234)
     assert "--uds" not in tcp and tcp[tcp.index("--port") + 1] == "1234"
