@@ -47,6 +47,7 @@ def _overflowing_weights(tensors: dict[str, torch.Tensor]) -> None:
     tensors[name].fill_(3e38)
 
 
+@pytest.mark.timeout(1800)  # may start the shared policy service
 def test_non_finite_checkpoints_are_refused_and_the_old_version_keeps_serving(policy_service, svc_checkpoints):
     service = policy_service
     source = svc_checkpoints.a[0] if service.model_info()["checkpoint"].endswith("A/policy") else svc_checkpoints.b[0]
@@ -125,6 +126,7 @@ def _value_ok(url: str) -> bool:
     return response.status_code == 200 and -1.0 <= response.json()["values"][0]["value"] <= 1.0
 
 
+@pytest.mark.timeout(2400)  # two vLLM starts of its own, several minutes each on a loaded 2-core machine
 def test_a_dead_vllm_child_is_restarted_then_the_gateway_exits_with_nothing_left(svc_checkpoints, tmp_path):
     """Its own value gateway (this test kills its child): restart budget 1."""
     port = find_free_port()
@@ -154,7 +156,7 @@ def test_a_dead_vllm_child_is_restarted_then_the_gateway_exits_with_nothing_left
         )
     seen: set[int] = set()
     try:
-        _wait(lambda: _ready(url) or gateway.poll() is not None, 480, "the gateway to start")
+        _wait(lambda: _ready(url) or gateway.poll() is not None, 900, "the gateway to start")
         assert gateway.poll() is None, _tail(log_path)
         assert _value_ok(url)
 
@@ -168,7 +170,7 @@ def test_a_dead_vllm_child_is_restarted_then_the_gateway_exits_with_nothing_left
         seen |= set(old_members)
         os.kill(first[0].pid, signal.SIGKILL)
         _wait(lambda: not _ready(url), 30, "/ready to fail after the kill")
-        _wait(lambda: _ready(url) or gateway.poll() is not None, 480, "the restarted child to be ready")
+        _wait(lambda: _ready(url) or gateway.poll() is not None, 900, "the restarted child to be ready")
         assert gateway.poll() is None, _tail(log_path)
         assert _value_ok(url)
         assert not [pid for pid in old_members if _running(pid)], "processes of the dead child were left behind"
