@@ -34,12 +34,19 @@ def run_app(name: str, settings: ServerSettings, factory: Callable[[Any], FastAP
     """Serve ``factory(settings)`` until SIGINT/SIGTERM; answers the app so the caller can read its end state."""
     configure_logging(settings.log_level, settings.log_format, service=name)
     app = factory(settings)
-    uvicorn.run(
-        app,
-        host=settings.host,
-        port=settings.port,
-        log_config=None,
-        access_log=settings.access_log,
-        timeout_graceful_shutdown=30,
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app,
+            host=settings.host,
+            port=settings.port,
+            log_config=None,
+            access_log=settings.access_log,
+            timeout_graceful_shutdown=30,
+        )
     )
+    # A service that must stop on its own (a gateway whose engine is gone for good) asks here rather than sending
+    # itself SIGTERM: uvicorn re-raises a caught signal after shutting down, so the process would end "killed by
+    # SIGTERM" instead of with the exit code its caller chooses.
+    app.state.request_exit = lambda: setattr(server, "should_exit", True)
+    server.run()
     return app

@@ -7,6 +7,9 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
+import os
+import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -29,6 +32,8 @@ except ImportError:  # pragma: no cover
 log = logging.getLogger(__name__)
 
 VERSION_HEADER = "X-Model-Version"
+# What vLLM answers (HTTP 400) when its answer holds NaN or inf (Starlette's JSONResponse refuses them).
+NON_FINITE_MARK = "Out of range float values are not JSON compliant"
 
 
 class SwapRequest(BaseModel):
@@ -69,10 +74,22 @@ async def post_upstream(service: VLLMGateway, path: str, payload: dict[str, Any]
     except aiohttp.ClientError as exc:
         raise service.call_error(503, f"vLLM {path} unreachable: {exc!r}") from exc
     if status >= 400:
-        code = 400 if status < 500 else 502
         text = content[:800].decode("utf-8", "replace")
+        if NON_FINITE_MARK in text:
+            # vLLM could not serialise its own answer: the model produced NaN/inf. Not the client's fault (a 400
+            # would not be retried); /ready re-runs the probe and fails while the model keeps doing it.
+            service.probe_stale()
+            raise service.call_error(502, f"the model produced non-finite numbers (NaN/inf) for {path}: {text}")
+        code = 400 if status < 500 else 502
         raise service.call_error(code, f"vLLM {path} answered HTTP {status}: {text}")
     return _decode_json(content)
+
+
+def non_finite(values: Any) -> bool:
+    """Whether any number in ``values`` (a number or a list, possibly with None entries) is NaN or inf."""
+    if isinstance(values, list):
+        return any(non_finite(v) for v in values)
+    return isinstance(values, float) and not math.isfinite(values)
 
 
 async def gather_all(aws: list[Awaitable[Any]]) -> list[Any]:
@@ -112,6 +129,15 @@ def create_gateway_app(
         lifespan=lifespan,
     )
     app.state.service = service
+
+    def request_exit() -> None:
+        hook = getattr(app.state, "request_exit", None)  # set by services.common.serve.run_app
+        if hook is not None:
+            hook()
+        else:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    service.request_exit = request_exit
 
     @app.get("/v1/model", response_model=ModelInfo)
     async def model() -> dict[str, Any]:

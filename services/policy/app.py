@@ -27,7 +27,14 @@ from starlette.types import Receive, Scope, Send
 from cpl.completions import candidates_from_completions, completion_from_openai_choice, sampling_plan
 from cpl.protocols import Candidate, ExpandRequest, ExpandResult
 from services.common.request_errors import VERSION_HEADER_DOC, error_responses, parse_json_object
-from services.gateway.app import JSON_HEADERS, VERSION_HEADER, create_gateway_app, gather_all, post_upstream
+from services.gateway.app import (
+    JSON_HEADERS,
+    VERSION_HEADER,
+    create_gateway_app,
+    gather_all,
+    non_finite,
+    post_upstream,
+)
 from services.gateway.vllm_gateway import VLLMGateway
 from services.policy.schemas import ExpandBatchRequest, ExpandBatchResponse
 from services.policy.settings import PolicySettings
@@ -194,6 +201,28 @@ def register_policy_routes(app: FastAPI, service: VLLMGateway) -> None:
         return Response(content, status_code=status, media_type="application/json")
 
 
+PROBE_PROMPT = "1 + 1 ="
+
+
+async def probe_policy(service: VLLMGateway) -> str | None:
+    """A 4-token greedy generation with log-probs through the served weights; every log-prob must be finite."""
+    payload = {
+        "model": service.settings.served_model_name,
+        "prompt": PROBE_PROMPT,
+        "max_tokens": 4,
+        "temperature": 0.0,
+        "logprobs": 1,
+    }
+    answer = await post_upstream(service, "/v1/completions", payload)
+    logprobs = answer["choices"][0]["logprobs"]
+    numbers = [x for x in logprobs["token_logprobs"] if x is not None]
+    if not numbers:
+        return "the probe generated no tokens"
+    if non_finite(numbers) or non_finite([v for top in logprobs.get("top_logprobs") or [] for v in top.values()]):
+        return f"non-finite log-probs {numbers}"
+    return None
+
+
 def create_policy_app(settings: PolicySettings | None = None) -> FastAPI:
     settings = settings or PolicySettings()  # type: ignore[call-arg]
     service = VLLMGateway(
@@ -201,5 +230,6 @@ def create_policy_app(settings: PolicySettings | None = None) -> FastAPI:
         name="policy",
         runner="generate",
         extra_vllm_args=["--logprobs-mode", settings.logprobs_mode],
+        probe=probe_policy,
     )
     return create_gateway_app(service, title="CPL policy service", register=register_policy_routes)

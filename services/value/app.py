@@ -11,6 +11,7 @@ returns V = tanh(logit) (:func:`cpl.values.value_from_logit`). The text scored i
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 from fastapi import FastAPI, HTTPException, Response
@@ -38,8 +39,26 @@ def logits_from_classification(response: dict[str, Any], expected: int) -> list[
     for item in data:
         if item.get("num_classes", len(item["probs"])) != 1:
             raise VLLMCallError(502, f"value model has {item.get('num_classes')} labels, expected 1", service="value")
-        logits.append(float(item["probs"][0]))
+        logit = float(item["probs"][0])
+        if not math.isfinite(logit):
+            raise VLLMCallError(502, f"the value model produced a non-finite logit ({logit})", service="value")
+        logits.append(logit)
     return logits
+
+
+PROBE_TEXT = "1 + 1 = 2"
+
+
+async def probe_value(service: VLLMGateway) -> str | None:
+    """One value through the served weights; the raw logit must be finite."""
+    answer = await post_upstream(
+        service, "/classify", classify_payload([PROBE_TEXT], service.settings.served_model_name)
+    )
+    try:
+        logits_from_classification(answer, 1)
+    except VLLMCallError as exc:
+        return exc.cause
+    return None
 
 
 def register_value_routes(app: FastAPI, service: VLLMGateway) -> None:
@@ -85,5 +104,6 @@ def create_value_app(settings: ValueSettings | None = None) -> FastAPI:
         name="value",
         runner="pooling",
         extra_vllm_args=["--pooler-config", json.dumps(POOLER_CONFIG)],
+        probe=probe_value,
     )
     return create_gateway_app(service, title="CPL value service", register=register_value_routes)

@@ -112,12 +112,14 @@ def _fuzz(schema: Any, mode: GenerationMode) -> list[str]:
     return failures
 
 
+@pytest.mark.timeout(1800)  # may start the shared policy service
 @pytest.mark.parametrize("mode", [GenerationMode.POSITIVE, GenerationMode.NEGATIVE])
 def test_policy_gateway_answers_as_documented(policy_schema, mode) -> None:
     failures = _fuzz(policy_schema, mode)
     assert not failures, "\n\n".join(failures)
 
 
+@pytest.mark.timeout(1800)  # may start the shared value service
 @pytest.mark.parametrize("mode", [GenerationMode.POSITIVE, GenerationMode.NEGATIVE])
 def test_value_gateway_answers_as_documented(value_schema, mode) -> None:
     failures = _fuzz(value_schema, mode)
