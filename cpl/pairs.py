@@ -1,4 +1,4 @@
-"""Training data from finished trees (paper §4.1, DESIGN.md §2).
+"""Training data from finished trees (paper §4.1, docs/architecture.md, docs/decisions/003-search-values.md).
 
 * Plan-step pairs: under one parent, every (V > 0, V < 0) combination of sibling plan steps.
 * Solution-step pairs: among sibling solution steps, only (max V, if > 0) vs (min V, if < 0).

@@ -80,3 +80,47 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 def test_no_import_cycles_inside_cpl():
     """A cycle hidden by a function-level import still couples two modules (models.tiny <-> models.value_head)."""
     assert cycles(import_graph()) == []
+
+
+def test_code_and_docs_cite_only_files_in_the_repo():
+    """The design handbook lives outside the repository; a newcomer must be able to follow every reference."""
+    offenders = []
+    for pattern in ("cpl/**/*.py", "services/**/*.py", "tests/**/*.py", "bench/**/*.py", "docs/**/*.md", "*.md"):
+        for path in REPO.glob(pattern):
+            if path == Path(__file__):
+                continue
+            for number, line in enumerate(path.read_text().splitlines(), 1):
+                if "DESIGN" in line:
+                    offenders.append(f"{path.relative_to(REPO)}:{number}")
+    assert offenders == []
+
+
+NOT_REFERENCES = {"services.md", "cpl.example.com", "cpl.toy.corpus", "services.search"}
+"""Dotted words that are not module paths: file names, a host name, a seed string, a package still to come."""
+
+
+def test_dotted_references_in_code_and_docs_resolve():
+    """`cpl.x.y` / `services.x.y` named in docstrings and docs exist (no stale pointers for a newcomer)."""
+    import importlib
+    import re
+
+    stale = []
+    paths = [*REPO.glob("cpl/**/*.py"), *REPO.glob("services/**/*.py"), *REPO.glob("docs/**/*.md")]
+    for path in paths:
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            for ref in re.findall(r"\b((?:cpl|services)(?:\.[A-Za-z_]\w*)+)", line):
+                if ref in NOT_REFERENCES or any(ref.startswith(n + ".") for n in NOT_REFERENCES):
+                    continue
+                parts = ref.split(".")
+                for k in range(len(parts), 0, -1):
+                    try:
+                        obj = importlib.import_module(".".join(parts[:k]))
+                    except ImportError:
+                        continue
+                    try:
+                        for attr in parts[k:]:
+                            obj = getattr(obj, attr)
+                    except AttributeError:
+                        stale.append(f"{path.relative_to(REPO)}:{number}: {ref}")
+                    break
+    assert stale == []

@@ -1,6 +1,7 @@
 """Tiny models the project builds itself: a local byte-level BPE tokenizer and random-weight Llama/Qwen2.
 
-There is no model hub at run time (DESIGN §5), so tests and development use these. The tokenizer keeps every
+There is no model hub at run time (docs/architecture.md, environment), so tests and development use these.
+The tokenizer keeps every
 prompt marker of :data:`cpl.formats.MARKERS` as one *normal* token (a special token would be removed by
 ``skip_special_tokens`` and the stop strings would never match) and splits digits one by one so that
 arithmetic is learnable. The models' head_dim is 64: vLLM's CPU attention rejects 16.
