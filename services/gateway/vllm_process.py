@@ -177,6 +177,7 @@ class VLLMServer:
         env.setdefault("PYTHONUNBUFFERED", "1")
         cmd = self.command(model)
         if self.uds is not None:
+            self.uds.parent.mkdir(mode=0o700, exist_ok=True)  # in case a /tmp cleaner removed it
             self.uds.unlink(missing_ok=True)  # a socket file left by a dead child would make vLLM's bind() fail
         log.info("starting vLLM server", extra={"cmd": cmd, "address": self.address, "runner": self.runner})
         self._tail.clear()
