@@ -1,6 +1,6 @@
 # syntax=docker/dockerfile:1.7
 # Serving image: the policy and value gateways (`cpl serve policy|value`) on vLLM's official OpenAI server
-# image. The gateway starts vLLM as a child process on 127.0.0.1 (docs/services.md), so the image only adds the
+# image. The gateway starts vLLM as a child process on a Unix socket (docs/services.md), so the image only adds the
 # project on top of vLLM's own Python, changing none of the packages vLLM was built with.
 #
 #   docker build -f docker/serving.Dockerfile -t cpl-serving:0.1.0 .
