@@ -84,6 +84,7 @@ SEARCH_FLAGS: tuple[FieldFlag | str, ...] = (
 
 ROUND_SEARCH_FLAGS: tuple[FieldFlag | str, ...] = (
     "simulations",
+    "format",
     "max_step_tokens",
     "max_depth",
     FieldFlag("few_shot", negate=True),
@@ -162,6 +163,9 @@ def cmd_search(args: argparse.Namespace) -> int:
         marker_bias=args.marker_bias,
         show_progress=not args.quiet,
     )
+    from cpl.search_stats import summary_of_run
+
+    print(summary_of_run(args.out, [p.id for p in problems]))
     print(f"{len(problems)} trees in {args.out / 'trees'}; " + ", ".join(f"{k}: {v}" for k, v in counts.items()))
     return 0
 
@@ -213,7 +217,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_round(args: argparse.Namespace) -> int:
-    from cpl.round import Round, RoundSettings, print_stage
+    from cpl.round import Round, RoundSettings, RoundSettingsError, print_stage, summarise_round
+    from cpl.training.config import PreferenceConfig, SFTConfig, ValueConfig
 
     problems = _problems(args.input, args.limit)
     eval_problems = _problems(args.eval_input, args.eval_limit) if args.eval_input else []
@@ -227,38 +232,57 @@ def cmd_round(args: argparse.Namespace) -> int:
         return {k: v for k, v in values.items() if v is not None}
 
     micro = args.micro_batch_size
-    settings = RoundSettings(
-        round=args.round,
-        base=base,
-        search_policy=args.search_policy,
-        search_value=args.search_value,
-        search=search,
-        concurrency=args.concurrency,
-        dtype=args.dtype,
-        marker_bias=args.marker_bias,
-        baselines=not args.no_baselines,
-        sft=overrides(
-            epochs=args.sft_epochs, batch_size=args.sft_batch_size, learning_rate=args.sft_lr, micro_batch_size=micro
-        ),
-        preference=overrides(
-            epochs=args.apo_epochs, batch_size=args.apo_batch_size, learning_rate=args.apo_lr, micro_batch_size=micro
-        ),
-        value=overrides(
-            epochs=args.value_epochs,
-            batch_size=args.value_batch_size,
-            learning_rate=args.value_lr,
-            micro_batch_size=micro,
-        ),
-        eval_max_tokens=args.eval_max_tokens,
-        eval_few_shot=args.eval_few_shot,
-        seed=args.seed,
-    )
-    records = Round(args.run_dir, settings, problems, eval_problems).run_all(on_stage=print_stage)
+    try:
+        settings = RoundSettings(
+            round=args.round,
+            base=base,
+            previous=args.previous,
+            search_policy=args.search_policy,
+            search_value=args.search_value,
+            search=search,
+            concurrency=args.concurrency,
+            dtype=args.dtype,
+            marker_bias=args.marker_bias,
+            baselines=not args.no_baselines,
+            sft=SFTConfig.round_preset(
+                args.round,
+                **overrides(
+                    epochs=args.sft_epochs,
+                    batch_size=args.sft_batch_size,
+                    learning_rate=args.sft_lr,
+                    micro_batch_size=micro,
+                ),
+            ),
+            preference=PreferenceConfig(
+                **overrides(
+                    epochs=args.apo_epochs,
+                    batch_size=args.apo_batch_size,
+                    learning_rate=args.apo_lr,
+                    micro_batch_size=micro,
+                )
+            ),
+            value=ValueConfig(
+                **overrides(
+                    epochs=args.value_epochs,
+                    batch_size=args.value_batch_size,
+                    learning_rate=args.value_lr,
+                    micro_batch_size=micro,
+                )
+            ),
+            eval_max_tokens=args.eval_max_tokens,
+            eval_few_shot=args.eval_few_shot,
+            seed=args.seed,
+        )
+        cpl_round = Round(args.run_dir, settings, problems, eval_problems)
+    except RoundSettingsError as exc:
+        raise CLIError(str(exc)) from exc
+    records = cpl_round.run_all(on_stage=print_stage)
     for stage, record in records.items():
         extra = f" ({record.reason})" if record.reason else ""
         print(f"{stage}: {record.status}{extra}")
     if "eval" in records and records["eval"].status == "done":
         print("accuracy: " + json.dumps(records["eval"].outputs["accuracy"]))
+    print(summarise_round(cpl_round))
     return 0
 
 
@@ -308,8 +332,15 @@ def build_parser(extensions: Sequence[Extension] = ()) -> argparse.ArgumentParse
     rnd.add_argument("--input", type=Path, required=True, help="training problems (GSM8K or MATH JSONL)")
     rnd.add_argument("--run-dir", type=Path, required=True, help="every artefact goes here; rerun to resume")
     add_round_flag(rnd, default=1)
-    rnd.add_argument("--search-policy", type=Path, help="policy for the search (round 2: the round-1 policy)")
-    rnd.add_argument("--search-value", type=Path, help="value model for the search (default: fresh head)")
+    rnd.add_argument(
+        "--previous", type=Path, help="run directory of the previous round (round 2 searches with its models)"
+    )
+    rnd.add_argument(
+        "--search-policy", type=Path, help="policy for the search (default: base; round 2: --previous's Step-APO)"
+    )
+    rnd.add_argument(
+        "--search-value", type=Path, help="value model for the search (default: fresh head; round 2: --previous's)"
+    )
     rnd.add_argument("--eval-input", type=Path, help="held-out problems to evaluate every policy on")
     rnd.add_argument("--limit", type=_positive)
     rnd.add_argument("--eval-limit", type=_positive)
