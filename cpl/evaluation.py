@@ -73,9 +73,9 @@ def offline_generator(
     """Greedy generation on an in-process vLLM engine, shut down on exit (vLLM starts processes with spawn)."""
     from vllm import LLM, SamplingParams
 
-    from cpl.engines.vllm_offline import build_engine_kwargs, shutdown_llm
+    from cpl.engines.vllm_offline import llm_kwargs, shutdown_llm
 
-    kwargs = build_engine_kwargs(
+    kwargs = llm_kwargs(
         max_model_len=max_model_len,
         seed=0,
         dtype=dtype,

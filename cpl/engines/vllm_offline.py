@@ -142,7 +142,7 @@ def _is_cpu_platform() -> bool:
     return current_platform.is_cpu()
 
 
-def build_engine_kwargs(
+def llm_kwargs(
     *,
     max_model_len: int | None,
     seed: int,
@@ -177,7 +177,7 @@ def shutdown_llm(llm: Any) -> None:
         core.shutdown()
 
 
-class _Engine:
+class _InProcessLLM:
     """What the policy and the value model share: the LLM object, its tokenizer, batching and shutdown."""
 
     _llm: Any
@@ -234,7 +234,7 @@ def candidates_from_output(request: ExpandRequest, output: Any) -> list[Candidat
     return candidates_from_completions(request, [completion_from_vllm_output(c) for c in output.outputs])
 
 
-class VLLMPolicy(_Engine):
+class VLLMPolicy(_InProcessLLM):
     """The policy model on an in-process ``vllm.LLM`` (generation runner).
 
     ``dtype="auto"`` follows vLLM, which downcasts float32 checkpoints to bf16/fp16; pass ``"float32"`` for
@@ -271,7 +271,7 @@ class VLLMPolicy(_Engine):
             model_version,
             runner="generate",
             enable_prefix_caching=enable_prefix_caching,
-            **build_engine_kwargs(
+            **llm_kwargs(
                 max_model_len=max_model_len,
                 seed=seed,
                 dtype=dtype,
@@ -332,7 +332,7 @@ class VLLMPolicy(_Engine):
 # --- value ------------------------------------------------------------------------------------------------
 
 
-class VLLMValue(_Engine):
+class VLLMValue(_InProcessLLM):
     """The value model on an in-process ``vllm.LLM`` with the pooling runner: V = tanh(raw head logit).
 
     The text scored is ``state.value_prompt()``. Engine options as for :class:`VLLMPolicy`.
@@ -361,7 +361,7 @@ class VLLMValue(_Engine):
             runner="pooling",
             pooler_config=PoolerConfig(use_activation=False),
             enable_prefix_caching=enable_prefix_caching,
-            **build_engine_kwargs(
+            **llm_kwargs(
                 max_model_len=max_model_len,
                 seed=seed,
                 dtype=dtype,

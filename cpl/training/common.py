@@ -17,7 +17,7 @@ from cpl.training.data import (
     DataFile,
     TrainingInputError,
 )
-from cpl.training.runtime import Runtime, TrainEngine
+from cpl.training.runtime import Runtime, TrainableModel
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ def build_manifest(
     dropped: int,
     config: TrainConfig,
     runtime: Runtime,
-    engine: TrainEngine,
+    engine: TrainableModel,
 ) -> dict[str, Any]:
     return {
         "kind": kind,

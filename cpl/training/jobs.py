@@ -5,7 +5,7 @@
 - :mod:`cpl.training.value`: the value model
 - :mod:`cpl.training.loaders` and :mod:`cpl.training.common`: model loading, results and manifests they share
 
-Each job reads JSONL exports, trains with :class:`~cpl.training.runtime.TrainEngine` and writes an HF checkpoint
+Each job reads JSONL exports, trains with :class:`~cpl.training.runtime.TrainableModel` and writes an HF checkpoint
 with a manifest (:mod:`cpl.training.checkpoint`, :class:`cpl.training.manifest.Manifest`).
 """
 

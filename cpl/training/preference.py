@@ -27,7 +27,7 @@ from cpl.training.loaders import load_policy, load_tokenizer
 from cpl.training.logps import pair_batch, pair_logps
 from cpl.training.loop import fit
 from cpl.training.resume import FitHooks, bind_hooks
-from cpl.training.runtime import Forward, TrainEngine, resolve_runtime
+from cpl.training.runtime import Forward, TrainableModel, resolve_runtime
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ class PreferenceJob:
         )
 
     @torch.no_grad()
-    def compute_reference(self, engine: TrainEngine, batch_size: int) -> None:
+    def compute_reference(self, engine: TrainableModel, batch_size: int) -> None:
         """Reference log-probs of every pair, once, with the starting model (pairs sorted by length)."""
         engine.eval()
         order = sorted(range(self.num_examples), key=lambda i: self.pairs[i].num_tokens)
@@ -91,7 +91,7 @@ class PreferenceJob:
     def normalizer(self, indices: Sequence[int]) -> float:
         return float(len(indices))
 
-    def micro_step(self, engine: TrainEngine, indices: Sequence[int], normalizer: float) -> tuple[Tensor, dict]:
+    def micro_step(self, engine: TrainableModel, indices: Sequence[int], normalizer: float) -> tuple[Tensor, dict]:
         assert self.ref_chosen is not None and self.ref_rejected is not None, "compute_reference first"
         policy_c, policy_r = engine(**self.batch(indices))
         idx = torch.as_tensor(list(indices))
@@ -167,7 +167,7 @@ def fit_preference(
     runtime = resolve_runtime(config)
     torch.manual_seed(config.seed)
     model = load_policy(model_dir, runtime, gradient_checkpointing=config.gradient_checkpointing)
-    engine = TrainEngine(Forward(model, _pair_forward), config, runtime, config.total_steps(len(pairs)))
+    engine = TrainableModel(Forward(model, _pair_forward), config, runtime, config.total_steps(len(pairs)))
     job = PreferenceJob(pairs, config, tokenizer.pad_token_id, runtime.torch_device)
     start = time.perf_counter()
     job.compute_reference(engine, config.reference_batch_size or 2 * config.micro)

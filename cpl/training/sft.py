@@ -22,7 +22,7 @@ from cpl.training.loaders import load_policy, load_tokenizer
 from cpl.training.logps import completion_logps, concat_batch
 from cpl.training.loop import fit
 from cpl.training.resume import FitHooks, bind_hooks
-from cpl.training.runtime import Forward, TrainEngine, resolve_runtime
+from cpl.training.runtime import Forward, TrainableModel, resolve_runtime
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ class SFTJob:
     def normalizer(self, indices: Sequence[int]) -> float:
         return float(sum(self.examples[i].num_target_tokens for i in indices))
 
-    def micro_step(self, engine: TrainEngine, indices: Sequence[int], normalizer: float) -> tuple[Tensor, dict]:
+    def micro_step(self, engine: TrainableModel, indices: Sequence[int], normalizer: float) -> tuple[Tensor, dict]:
         logps = engine(**self.batch(indices))
         nll = -logps.sum()
         tokens = sum(self.examples[i].num_target_tokens for i in indices)
@@ -103,7 +103,7 @@ def train_sft(
     runtime = resolve_runtime(config)
     torch.manual_seed(config.seed)
     model = load_policy(model_dir, runtime, gradient_checkpointing=config.gradient_checkpointing)
-    engine = TrainEngine(Forward(model, _sft_forward), config, runtime, config.total_steps(len(examples)))
+    engine = TrainableModel(Forward(model, _sft_forward), config, runtime, config.total_steps(len(examples)))
     job = SFTJob(examples, tokenizer.pad_token_id, runtime.torch_device)
     history, metrics = fit(job, engine, config, bind_hooks(hooks, "sft", model_dir, files, config))
     manifest = build_manifest(

@@ -23,7 +23,7 @@ from cpl.training.loaders import load_tokenizer, load_value_model
 from cpl.training.logps import pad
 from cpl.training.loop import fit
 from cpl.training.resume import FitHooks, bind_hooks
-from cpl.training.runtime import Forward, TrainEngine, resolve_runtime
+from cpl.training.runtime import Forward, TrainableModel, resolve_runtime
 from cpl.values import value_from_logit
 
 log = logging.getLogger(__name__)
@@ -52,7 +52,7 @@ class ValueJob:
     def normalizer(self, indices: Sequence[int]) -> float:
         return float(len(indices))
 
-    def micro_step(self, engine: TrainEngine, indices: Sequence[int], normalizer: float) -> tuple[Tensor, dict]:
+    def micro_step(self, engine: TrainableModel, indices: Sequence[int], normalizer: float) -> tuple[Tensor, dict]:
         predicted = engine(**self.batch(indices))
         target = self.targets[torch.as_tensor(list(indices))].to(predicted.device)
         mse = value_mse_loss(predicted, target)
@@ -108,7 +108,7 @@ def train_value(
         head = [p for n, p in model.named_parameters() if n.startswith("score.")]
         body = [p for n, p in model.named_parameters() if not n.startswith("score.")]
         groups = [{"params": body}, {"params": head, "lr": config.head_learning_rate}]
-    engine = TrainEngine(
+    engine = TrainableModel(
         Forward(model, _value_forward), config, runtime, config.total_steps(len(examples)), param_groups=groups
     )
     job = ValueJob(examples, model.config.pad_token_id, runtime.torch_device)
