@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from cpl.cli import PLANNER_DIR, demo_problems
+from cpl.grading import extract_answer, is_equivalent
 from cpl.toy import world
 
 REPO = Path(__file__).resolve().parents[1]
@@ -21,7 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 def round_args(base: Path, train: Path, test: Path, run_dir: Path) -> list[str]:
     args = ["round", "--base", str(base), "--input", str(train), "--run-dir", str(run_dir)]
     args += ["--search-value", str(PLANNER_DIR / "value")]
-    args += ["--simulations", "10", "--no-few-shot", "--max-step-tokens", "96", "--dtype", "float32"]
+    args += ["--simulations", "24", "--no-few-shot", "--max-step-tokens", "96", "--dtype", "float32"]
     args += ["--eval-input", str(test), "--eval-max-tokens", "128"]
     args += ["--sft-epochs", "1", "--sft-lr", "1e-4", "--apo-epochs", "1", "--apo-lr", "1e-5"]
     return [*args, "--value-epochs", "1", "--value-batch-size", "8", "--micro-batch-size", "4"]
@@ -31,7 +32,8 @@ def round_args(base: Path, train: Path, test: Path, run_dir: Path) -> list[str]:
 def test_round_resumes_after_interruption(tmp_path):
     """The embedded planner solves some toy problems, so every stage has data: nothing is skipped."""
     run_dir = tmp_path / "run"
-    train = world.write_gsm8k_jsonl(world.generate("arith", 6, seed=5, split="train"), tmp_path / "train.jsonl")
+    # the demo's problems: under search the planner both solves and fails them, so pairs exist
+    train = world.write_gsm8k_jsonl(demo_problems(), tmp_path / "train.jsonl")
     test = world.write_gsm8k_jsonl(world.generate("arith", 4, seed=5, split="test"), tmp_path / "test.jsonl")
     cmd = [sys.executable, "-m", "cpl.cli", *round_args(PLANNER_DIR / "policy", train, test, run_dir)]
     first = subprocess.Popen(cmd, cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -57,10 +59,15 @@ def test_round_resumes_after_interruption(tmp_path):
         assert manifest["data"], model
     accuracy = stages["eval"]["outputs"]["accuracy"]
     assert set(accuracy) == {"base", "sft", "step_apo", "step_dpo"}
-    assert all(0.0 <= a <= 1.0 for a in accuracy.values())
     report = json.loads((run_dir / "eval.json").read_text())
-    assert report["base"]["total"] == 4
-    assert len(list((run_dir / "search" / "trees").glob("*.json"))) == 6
+    for name, value in accuracy.items():
+        items = report[name]["items"]
+        assert report[name]["total"] == len(items) == 4
+        # every item graded again here, and the accuracy is the share of those grades
+        grades = [is_equivalent(extract_answer(i["response"]), i["gold"]) for i in items]
+        assert [i["correct"] for i in items] == grades
+        assert value == sum(grades) / 4
+    assert len(list((run_dir / "search" / "trees").glob("*.json"))) == 3
 
 
 def cpl(*args: str, timeout: float = 1200) -> subprocess.CompletedProcess[str]:
