@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 DEMO_OUT ?= runs/demo
 DEMO_FLAGS ?=
 
-.PHONY: setup test lint demo clean
+.PHONY: setup test lint demo clean deploy-check
 
 setup: $(STAMP)
 
@@ -26,6 +26,10 @@ test: setup
 lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+
+# docker-compose.yml, k8s/ overlays and docker/ against their schemas and linters, and against the code (drift).
+deploy-check: setup
+	$(PY) -m pytest -q tests/deploy
 
 demo: setup
 	@$(VENV)/bin/cpl demo --out $(DEMO_OUT) $(DEMO_FLAGS)

@@ -4,7 +4,7 @@ in-domain accuracy (§4.2).
 The model writes a whole response (plan steps and the solution) greedily from the zero-step prompt; its last
 ``\\boxed{}`` is compared with the gold answer. Generation is pluggable (`Generate`): in-process vLLM from a model
 directory (`offline_generator`), or, in the service layer, any OpenAI-compatible ``/v1/completions`` endpoint such
-as the policy service (`services.evaluation.http_generator`; `cpl/` itself speaks no HTTP).
+as the policy service (`services.policy.evaluation.http_generator`; `cpl/` itself speaks no HTTP).
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 The paper evaluates ARC-C 25-shot, BBH 3-shot with chain of thought (lm-eval's ``bbh`` group is the CoT
 few-shot variant) and MMLU-STEM 5-shot, in one evaluation. The harness run itself talks to an OpenAI-compatible
-endpoint, so it lives in the service layer (`services.evaluation.run_lm_eval`, ``cpl eval-ood``); this module
+endpoint, so it lives in the service layer (`services.policy.evaluation.run_lm_eval`, ``cpl eval-ood``); this module
 only says what to run. No dataset hub is reachable on our machines, so tests and offline runs point lm-eval's
 ``include_path`` at local task YAMLs whose data are JSON files (``dataset_path: json``); `cpl/eval_tasks/` ships a
 small example of each task type.

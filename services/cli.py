@@ -29,7 +29,7 @@ _OPTIONS: tuple[tuple[str, str, Any, str], ...] = (
     ("--gpu-memory-utilization", "gpu_memory_utilization", float, "vLLM memory share (default 0.9)"),
     ("--kv-cache-memory-bytes", "kv_cache_memory_bytes", int, "explicit vLLM KV cache size in bytes"),
     ("--dtype", "dtype", str, "vLLM --dtype (default auto)"),
-    ("--vllm-port", "vllm_port", int, "port of the vLLM child on localhost (default: a free one)"),
+    ("--vllm-port", "vllm_port", int, "with VLLM_UDS=false, the vLLM child's port on localhost (default: a free one)"),
     ("--log-format", "log_format", str, "json (default) or text"),
     ("--log-level", "log_level", str, "gateway log level (default INFO)"),
 )

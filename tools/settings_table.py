@@ -9,7 +9,7 @@ A table lives between two markers that name the classes it documents, by dotted 
 
 Each class is a pydantic-settings class; its ``env_prefix`` (``CPL_POLICY_``) names the service in the table.
 A setting that only some classes have is marked "(policy only)"; a default that differs between classes is
-listed per service. ``python tools/settings_table.py`` rewrites the tables of docs/services.md;
+listed per service. ``python tools/settings_table.py`` rewrites the tables of every docs/*.md;
 ``--check`` exits 1 when a table differs from the code (tests/test_settings_table.py runs the check).
 """
 
@@ -28,7 +28,8 @@ from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
 REPO = Path(__file__).resolve().parents[1]
-DOCS = (REPO / "docs" / "services.md",)
+DOCS = sorted((REPO / "docs").glob("*.md"))
+"""Every doc may hold tables; today docs/services.md does."""
 BLOCK = re.compile(r"(<!-- settings-table: (?P<classes>[^>]*?) -->\n)(?P<body>.*?)(<!-- /settings-table -->)", re.S)
 HEADER = "| setting (after the prefix) | default | meaning |\n| --- | --- | --- |\n"
 

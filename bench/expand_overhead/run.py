@@ -121,6 +121,8 @@ def start_gateway(model: Path, port: int, vllm_port: int, log: Path, extra_env: 
             "CPL_POLICY_MODEL": str(model),
             "CPL_POLICY_HOST": "127.0.0.1",
             "CPL_POLICY_PORT": str(port),
+            # The benchmark also calls vLLM directly (the baseline), so vLLM listens on a TCP port, not a socket.
+            "CPL_POLICY_VLLM_UDS": "false",
             "CPL_POLICY_VLLM_PORT": str(vllm_port),
             "CPL_POLICY_LOG_LEVEL": "WARNING",
             **extra_env,

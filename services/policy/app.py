@@ -26,7 +26,15 @@ from starlette.types import Receive, Scope, Send
 
 from cpl.completions import candidates_from_completions, completion_from_openai_choice, sampling_plan
 from cpl.protocols import Candidate, ExpandRequest, ExpandResult
-from services.gateway.app import JSON_HEADERS, VERSION_HEADER, create_gateway_app, gather_all, post_upstream
+from services.common.request_errors import VERSION_HEADER_DOC, error_responses, parse_json_object
+from services.gateway.app import (
+    JSON_HEADERS,
+    VERSION_HEADER,
+    create_gateway_app,
+    gather_all,
+    non_finite,
+    post_upstream,
+)
 from services.gateway.vllm_gateway import VLLMGateway
 from services.policy.schemas import ExpandBatchRequest, ExpandBatchResponse
 from services.policy.settings import PolicySettings
@@ -71,7 +79,11 @@ def register_policy_routes(app: FastAPI, service: VLLMGateway) -> None:
     model_name = settings.served_model_name
     metrics = service.metrics
 
-    @app.post("/v1/expand", response_model=ExpandBatchResponse)
+    @app.post(
+        "/v1/expand",
+        response_model=ExpandBatchResponse,
+        responses={200: {"headers": VERSION_HEADER_DOC}, **error_responses(400, 413, 422, 502, 503, 504)},
+    )
     async def expand(batch: ExpandBatchRequest) -> Response:
         """k candidate next steps for each state; every state's request goes to vLLM at once."""
         if len(batch.requests) > settings.max_batch_states:
@@ -102,16 +114,27 @@ def register_policy_routes(app: FastAPI, service: VLLMGateway) -> None:
         body = ExpandBatchResponse.model_construct(results=results, model_version=version).model_dump_json()
         return Response(body, media_type="application/json", headers={VERSION_HEADER: version})
 
-    @app.post("/v1/completions")
+    @app.post(
+        "/v1/completions",
+        responses={
+            200: {
+                "description": "the OpenAI completion (or its event stream), as vLLM answered it",
+                "headers": VERSION_HEADER_DOC,
+                "content": {"application/json": {"schema": {"type": "object"}}, "text/event-stream": {}},
+            },
+            **error_responses(400, 404, 422, 502, 503, 504, passed_through=(400, 404, 422)),
+        },
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": {"type": "object", "description": "OpenAI request"}}},
+            }
+        },
+    )
     async def completions(request: Request) -> Response:
         """OpenAI-compatible completions, forwarded unchanged to vLLM (``echo``, ``logprobs``, ``stream``, ...)."""
         body = await request.body()
-        try:
-            parsed = json.loads(body)
-        except ValueError as exc:
-            raise HTTPException(400, f"request body is not JSON: {exc}") from exc
-        if not isinstance(parsed, dict):
-            raise HTTPException(400, "request body must be a JSON object")
+        parsed = parse_json_object(body)
         session = service.upstream
         await service.gate.acquire()
         version = service.version
@@ -159,7 +182,13 @@ def register_policy_routes(app: FastAPI, service: VLLMGateway) -> None:
                 metrics.generated_tokens.inc(json.loads(content)["usage"]["completion_tokens"] or 0)
         return Response(content, status_code=upstream.status, media_type=media_type, headers=headers)
 
-    @app.get("/v1/models")
+    @app.get(
+        "/v1/models",
+        responses={
+            200: {"description": "OpenAI model list", "content": {"application/json": {"schema": {"type": "object"}}}},
+            **error_responses(503),
+        },
+    )
     async def models() -> Response:
         """OpenAI-compatible model list, forwarded to vLLM."""
         if service.upstream is None:
@@ -172,6 +201,28 @@ def register_policy_routes(app: FastAPI, service: VLLMGateway) -> None:
         return Response(content, status_code=status, media_type="application/json")
 
 
+PROBE_PROMPT = "1 + 1 ="
+
+
+async def probe_policy(service: VLLMGateway) -> str | None:
+    """A 4-token greedy generation with log-probs through the served weights; every log-prob must be finite."""
+    payload = {
+        "model": service.settings.served_model_name,
+        "prompt": PROBE_PROMPT,
+        "max_tokens": 4,
+        "temperature": 0.0,
+        "logprobs": 1,
+    }
+    answer = await post_upstream(service, "/v1/completions", payload)
+    logprobs = answer["choices"][0]["logprobs"]
+    numbers = [x for x in logprobs["token_logprobs"] if x is not None]
+    if not numbers:
+        return "the probe generated no tokens"
+    if non_finite(numbers) or non_finite([v for top in logprobs.get("top_logprobs") or [] for v in top.values()]):
+        return f"non-finite log-probs {numbers}"
+    return None
+
+
 def create_policy_app(settings: PolicySettings | None = None) -> FastAPI:
     settings = settings or PolicySettings()  # type: ignore[call-arg]
     service = VLLMGateway(
@@ -179,5 +230,6 @@ def create_policy_app(settings: PolicySettings | None = None) -> FastAPI:
         name="policy",
         runner="generate",
         extra_vllm_args=["--logprobs-mode", settings.logprobs_mode],
+        probe=probe_policy,
     )
     return create_gateway_app(service, title="CPL policy service", register=register_policy_routes)

@@ -25,14 +25,15 @@ import time
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import redis.asyncio as aioredis
 from pydantic import BaseModel, Field, model_validator
+from redis.exceptions import LockError
 
 from services.trainer.checkpoints import NAME_RE, CheckpointNameError, CheckpointStore
 from services.trainer.probe import PolicyProbe, ValueProbe, policy_probe, value_probe
-from services.trainer.replicas import ReplicaClient, ReplicaError, resolve_replicas
+from services.trainer.replicas import ReplicaClient, ServiceError, resolve_replicas
 from services.trainer.settings import TrainerSettings
 
 log = logging.getLogger(__name__)
@@ -155,8 +156,16 @@ class Deployer:
 
     async def deploy(self, request: DeploymentRequest, deployment_id: str | None = None) -> Deployment:
         """Run a deployment to its end (succeeded or failed); raises :class:`DeploymentError` when refused."""
+        deployment, locks, paths = await self.begin(request, deployment_id)
+        await self.run(request, deployment, locks, paths)
+        return deployment
+
+    async def begin(
+        self, request: DeploymentRequest, deployment_id: str | None = None
+    ) -> tuple[Deployment, list[Any], dict[str, Path]]:
+        """Check the request, take the services' locks and record the deployment as running."""
         paths = self.check(request)
-        locks = []
+        locks: list[Any] = []
         try:
             for service in sorted(paths):
                 lock = self.redis.lock(
@@ -173,11 +182,30 @@ class Deployer:
                 versions={t.service: request.version_of(t) for t in request.targets},
             )
             await self.store.save(deployment)
+        except BaseException:
+            await self._release(locks)
+            raise
+        return deployment, locks, paths
+
+    async def run(
+        self, request: DeploymentRequest, deployment: Deployment, locks: list[Any], paths: dict[str, Path]
+    ) -> None:
+        """Swap, verify, roll back on failure (:meth:`begin` first); releases the locks at the end."""
+        try:
             await self._run(request, deployment, paths)
-            return deployment
+        except Exception as exc:
+            log.exception("deployment crashed", extra={"deployment_id": deployment.id})
+            await self._fail(deployment, f"deployment crashed: {exc.__class__.__name__}: {exc}")
         finally:
-            for lock in locks:
+            await self._release(locks)
+
+    @staticmethod
+    async def _release(locks: list[Any]) -> None:
+        for lock in locks:
+            try:
                 await lock.release()
+            except LockError:
+                log.warning("deployment lock had expired before its release")
 
     async def _run(self, request: DeploymentRequest, deployment: Deployment, paths: dict[str, Path]) -> None:
         token = self.settings.resolved_admin_token()
@@ -200,16 +228,18 @@ class Deployer:
                     deployment.replicas.append(ReplicaOutcome(service=target.service, url=url))
                     clients[url] = ReplicaClient(
                         url,
+                        target.service,
                         admin_token=token,
-                        timeout_s=self.settings.request_timeout_s,
-                        swap_timeout_s=self.settings.swap_timeout_s,
+                        timeout_s=self.settings.swap_timeout_s,
+                        retries=self.settings.replica_retries,
+                        max_connections=4,
                     )
             for outcome in deployment.replicas:
                 client = clients[outcome.url]
                 try:
-                    await client.ready()
+                    await client.check_ready()
                     info = await client.model_info()
-                except ReplicaError as exc:
+                except ServiceError as exc:
                     outcome.status, outcome.error = "failed", str(exc)
                     return await self._fail(deployment, f"{outcome.service} {exc}; nothing was changed on any replica")
                 outcome.previous_version, outcome.previous_checkpoint = info["version"], info["checkpoint"]
@@ -221,17 +251,17 @@ class Deployer:
                     client = clients[outcome.url]
                     try:
                         started = time.perf_counter()
-                        await client.swap(target.checkpoint, version)
+                        await client.swap_checkpoint(target.checkpoint, version)
                         outcome.status = "swapped"
                         outcome.swap_seconds = round(time.perf_counter() - started, 3)
                         await self._verify(client, target.service, version, probes[target.service])
                         outcome.status = "verified"
-                    except ReplicaError as exc:
+                    except ServiceError as exc:
                         outcome.error = str(exc)
                         if outcome.status == "pending":
                             outcome.status = "failed"
                         await self._rollback(deployment, clients)
-                        return await self._fail(deployment, f"{target.service} {exc}")
+                        return await self._fail(deployment, str(exc))
                     finally:
                         await self.store.save(deployment)
                     log.info("replica swapped", extra={"url": outcome.url, "version": version})
@@ -245,19 +275,25 @@ class Deployer:
     async def _verify(self, client: ReplicaClient, service: str, version: str, probe: PolicyProbe | ValueProbe) -> None:
         info = await client.model_info()
         if info["version"] != version:
-            raise ReplicaError(client.url, f"reports version {info['version']!r} after the swap, not {version!r}")
+            raise ServiceError(
+                client.service, client.base_url, f"reports version {info['version']!r} after the swap, not {version!r}"
+            )
         if isinstance(probe, PolicyProbe):
             got = await client.greedy_tokens(info["served_model_name"], probe.prompt_ids, len(probe.expected))
             if got != probe.expected:
-                raise ReplicaError(
-                    client.url, f"greedy probe answered {got}, the checkpoint in transformers {probe.expected}"
+                raise ServiceError(
+                    client.service,
+                    client.base_url,
+                    f"greedy probe answered {got}, the checkpoint in transformers {probe.expected}",
                 )
         else:
             got_values = await client.values(probe.states)
             worst = max(abs(a - b) for a, b in zip(got_values, probe.expected, strict=True))
             if not math.isfinite(worst) or worst > self.settings.probe_value_tolerance:
-                raise ReplicaError(
-                    client.url, f"value probe answered {got_values}, the checkpoint in transformers {probe.expected}"
+                raise ServiceError(
+                    client.service,
+                    client.base_url,
+                    f"value probe answered {got_values}, the checkpoint in transformers {probe.expected}",
                 )
 
     async def _rollback(self, deployment: Deployment, clients: dict[str, ReplicaClient]) -> None:
@@ -271,17 +307,19 @@ class Deployer:
                 try:
                     if (await client.model_info())["version"] == outcome.previous_version:
                         continue
-                except ReplicaError:
+                except ServiceError:
                     continue
             elif outcome.status not in ("swapped", "verified"):
                 continue
             try:
-                await client.swap(outcome.previous_checkpoint, outcome.previous_version)
+                await client.swap_checkpoint(outcome.previous_checkpoint, outcome.previous_version)
                 info = await client.model_info()
                 if info["version"] != outcome.previous_version:
-                    raise ReplicaError(client.url, f"reports {info['version']!r} after the rollback")
+                    raise ServiceError(
+                        client.service, client.base_url, f"reports {info['version']!r} after the rollback"
+                    )
                 outcome.status = "rolled_back"
-            except ReplicaError as exc:
+            except ServiceError as exc:
                 outcome.status = "rollback_failed"
                 outcome.error = f"{outcome.error or ''}; rollback: {exc}".lstrip("; ")
                 log.error("rollback failed", extra={"url": outcome.url, "error": str(exc)})

@@ -48,12 +48,18 @@ def test_redis_keeps_every_key() -> None:
     assert redis["healthcheck"]["test"][:2] == ["CMD", "redis-cli"]
 
 
-@pytest.mark.parametrize("name", GPU_SERVICES)
-def test_gpu_services_reserve_a_gpu(name: str) -> None:
-    service = load_compose()["services"][name]
-    assert service["profiles"] == ["gpu"]
-    devices = service["deploy"]["resources"]["reservations"]["devices"]
-    assert {"driver": "nvidia", "count": 1, "capabilities": ["gpu"]} in devices
+def test_gpu_services_reserve_a_gpu_each() -> None:
+    services = load_compose()["services"]
+    ids = []
+    for name in GPU_SERVICES:
+        service = services[name]
+        assert service["profiles"] == ["gpu"]
+        (device,) = service["deploy"]["resources"]["reservations"]["devices"]
+        assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"]
+        # Named devices: `count: 1` gives every service the host's first GPU.
+        assert "count" not in device and len(device["device_ids"]) == 1
+        ids.append(device["device_ids"][0])
+    assert len(set(ids)) == len(GPU_SERVICES), ids
 
 
 def test_cpu_profile_runs_the_same_stack_without_gpus() -> None:

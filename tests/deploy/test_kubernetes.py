@@ -166,7 +166,7 @@ def test_external_redis_overlay_has_no_redis_and_reads_the_url_from_a_secret() -
     for obj in workloads(objects):
         for c in pod_spec(obj)["containers"]:
             for e in c.get("env", []):
-                if e["name"] == "CPL_SEARCH_REDIS_URL":
+                if e["name"].endswith("_REDIS_URL"):
                     assert "value" not in e
                     assert e["valueFrom"]["secretKeyRef"] == {"name": "cpl-redis-url", "key": "url"}
 

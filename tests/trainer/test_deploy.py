@@ -15,7 +15,6 @@ import shutil
 import signal
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -89,27 +88,10 @@ def stack(tmp_path_factory):
     ] + [("services.value.main", "CPL_VALUE_", value_a, logs / "value.log", root)]
     started: list[RunningService] = []
     try:
-        # started side by side: each start spends most of its time waiting on its own vLLM child
-        with ThreadPoolExecutor(len(launches)) as pool:
-            futures = [
-                pool.submit(
-                    _start,
-                    module,
-                    prefix,
-                    {f"{prefix}{k}": v for k, v in SMALL.items()} | {f"{prefix}MODEL": str(m)},
-                    log,
-                    r,
-                )
-                for module, prefix, m, log, r in launches
-            ]
-            errors = []
-            for future in futures:
-                try:
-                    started.append(future.result())
-                except Exception as exc:
-                    errors.append(exc)
-            if errors:
-                raise errors[0]
+        # one after the other: three vLLM engines starting at once on two cores slow each other past the timeout
+        for module, prefix, model, log, r in launches:
+            env = {f"{prefix}{k}": v for k, v in SMALL.items()} | {f"{prefix}MODEL": str(model)}
+            started.append(_start(module, prefix, env, log, r))
         settings = settings.model_copy(
             update={"policy_replicas": [s.url for s in started[:2]], "value_replicas": [started[2].url]}
         )
@@ -142,7 +124,7 @@ def _versions(services: list[RunningService]) -> list[str]:
 
 
 async def _greedy_of(url: str, probe) -> list[int]:
-    async with ReplicaClient(url, admin_token=None) as client:
+    async with ReplicaClient(url, "policy") as client:
         name = (await client.model_info())["served_model_name"]
         return await client.greedy_tokens(name, probe.prompt_ids, len(probe.expected))
 
@@ -269,7 +251,7 @@ def test_a_service_down_fails_the_deployment_and_leaves_the_other_untouched(stac
     stack.policy[1].proc.wait(timeout=30)
     deployment = asyncio.run(_deploy(stack.settings, policy="sft-2", value="value-2"))
     assert deployment.status == "failed"
-    assert stack.policy[1].url in deployment.error and "unreachable" in deployment.error
+    assert stack.policy[1].url in deployment.error and "connection failed" in deployment.error
     assert "nothing was changed" in deployment.error
     assert stack.value.model_info() == value_before
     assert stack.policy[0].model_info() == policy_before

@@ -95,7 +95,7 @@ def offline(reqs: dict[str, ExpandRequest], limit: int) -> dict[str, dict]:
 
 
 def server(reqs: dict[str, ExpandRequest], limit: int) -> dict[str, dict]:
-    from services.common.vllm_process import find_free_port
+    from services.common.ports import find_free_port
     from services.policy.app import completion_payload
 
     port = find_free_port()
