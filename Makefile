@@ -4,6 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO_OUT ?= runs/demo
+DEMO_FLAGS ?=
 
 .PHONY: setup test lint demo clean deploy-check
 
@@ -31,7 +32,7 @@ deploy-check: setup
 	$(PY) -m pytest -q tests/deploy
 
 demo: setup
-	$(VENV)/bin/cpl demo --out $(DEMO_OUT)
+	@$(VENV)/bin/cpl demo --out $(DEMO_OUT) $(DEMO_FLAGS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache
