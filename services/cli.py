@@ -82,5 +82,6 @@ def run_serve(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     """The ``cpl`` console script: the library's commands plus ``cpl serve``."""
     from cpl.cli import main as cpl_main
+    from services.stack.cli import add_stack_parsers
 
-    return cpl_main(argv, extensions=[add_serve_parser])
+    return cpl_main(argv, extensions=[add_serve_parser, add_stack_parsers])

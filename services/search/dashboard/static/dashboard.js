@@ -171,12 +171,14 @@
   function batchFinal(b) {
     return (b.counts.succeeded || 0) + (b.counts.failed || 0) + (b.counts.cancelled || 0);
   }
+  // Final when every one of its searches is: a batch read while its searches are being created is not.
+  const batchDone = (b) => b.done && batchFinal(b) >= b.total;
 
   function batchRow(b) {
     const c = b.counts;
     return el(
       "tr",
-      { "data-batch-id": b.id, "data-done": b.done ? "true" : "false" },
+      { "data-batch-id": b.id, "data-done": batchDone(b) ? "true" : "false" },
       el("td", {}, el("a", { href: `/ui/batches/${encodeURIComponent(b.id)}`, text: short(b.id) })),
       el("td", {}, progressBar(batchFinal(b), b.total)),
       ...["queued", "running", "succeeded", "failed", "cancelled"].map((k) =>
@@ -197,7 +199,7 @@
       const ids = [...new Set(searches.map((s) => s.batch_id).filter(Boolean))].slice(0, 20);
       await Promise.all(
         ids
-          .filter((id) => !(batches.get(id) && batches.get(id).done))
+          .filter((id) => !(batches.get(id) && batchDone(batches.get(id))))
           .map(async (id) => batches.set(id, (await api(`/v1/batches/${encodeURIComponent(id)}`)).body)),
       );
       const shown = ids.map((id) => batches.get(id)).filter(Boolean);
@@ -236,8 +238,8 @@
         .querySelector("tbody")
         .replaceChildren(...rows.map(([k, v]) => el("tr", {}, el("th", { text: k }), el("td", { text: v }))));
       fillSearches(page.body.searches);
-      cancel.hidden = b.done;
-      return !b.done;
+      cancel.hidden = batchDone(b);
+      return !batchDone(b);
     });
     cancel.addEventListener("click", async () => {
       cancel.disabled = true;
