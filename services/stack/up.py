@@ -31,6 +31,7 @@ import psutil
 import redis
 
 from services.common.ports import find_free_port
+from services.gateway.vllm_process import _die_with_parent
 
 REPO_ASSETS = Path(__file__).resolve().parents[2] / "cpl" / "assets" / "planner"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -67,6 +68,8 @@ class Child:
             stdout=subprocess.PIPE if self.echo else log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            # Should cpl up itself be SIGKILLed, its children get SIGTERM instead of living on.
+            preexec_fn=_die_with_parent,
         )
         if self.echo:
             self._pump = threading.Thread(target=self._copy, args=(self.proc.stdout, log), daemon=True)
