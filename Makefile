@@ -3,11 +3,12 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+DEMO_OUT ?= runs/demo
 DEMO_PROBLEMS ?= 4
 # apt needs root; sudo only when we are not root already.
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup browser test lint demo demo-library clean
+.PHONY: setup browser test lint demo demo-library clean deploy-check
 
 setup: $(STAMP)
 
@@ -32,6 +33,10 @@ test: setup browser
 lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+
+# docker-compose.yml, k8s/ overlays and docker/ against their schemas and linters, and against the code (drift).
+deploy-check: setup
+	$(PY) -m pytest -q tests/deploy
 
 # The whole stack on this machine (cpl up): a held-out toy batch searched through the search API, its best plans and
 # Table 1; the dashboard stays up until Ctrl-C (DEMO_KEEP=0: stop at once).

@@ -12,6 +12,7 @@ above all, which must not appear on a command line) comes from the environment. 
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,7 @@ _OPTIONS: tuple[tuple[str, str, Any, str], ...] = (
     ("--gpu-memory-utilization", "gpu_memory_utilization", float, "vLLM memory share (default 0.9)"),
     ("--kv-cache-memory-bytes", "kv_cache_memory_bytes", int, "explicit vLLM KV cache size in bytes"),
     ("--dtype", "dtype", str, "vLLM --dtype (default auto)"),
-    ("--vllm-port", "vllm_port", int, "port of the vLLM child on localhost (default: a free one)"),
+    ("--vllm-port", "vllm_port", int, "with VLLM_UDS=false, the vLLM child's port on localhost (default: a free one)"),
     ("--log-format", "log_format", str, "json (default) or text"),
     ("--log-level", "log_level", str, "gateway log level (default INFO)"),
 )
@@ -80,8 +81,14 @@ def run_serve(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """The ``cpl`` console script: the library's commands plus ``cpl serve``."""
+    """The ``cpl`` console script: the library's commands plus ``cpl serve`` and the evaluations over HTTP
+    (``cpl eval --policy-url``, ``cpl eval-ood``)."""
     from cpl.cli import main as cpl_main
+    from services.policy.evaluation import add_eval_commands
     from services.stack.cli import add_stack_parsers
 
-    return cpl_main(argv, extensions=[add_serve_parser, add_stack_parsers])
+    return cpl_main(argv, extensions=[add_serve_parser, add_eval_commands, add_stack_parsers])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -128,3 +128,17 @@ def test_demo_searches_real_plans_with_the_embedded_planner(tmp_path):
     solutions = [n for t in trees for n in t.nodes if n.kind is StepKind.SOLUTION]
     assert solutions and all(n.answer is not None for n in solutions)  # the planner writes boxed answers
     assert any(n.correct for n in solutions)
+
+
+@pytest.mark.vllm
+def test_round_2_with_200_simulations_runs_200(tmp_path, tiny_models):
+    """A flag equal to its default still overrides the round preset (round 2 alone would run 100)."""
+    policy, value = tiny_models
+    args = ["search", "--policy", str(policy), "--value", str(value), "--question", "What is 2 + 3?", "--answer", "5"]
+    args += ["--round", "2", "--simulations", "200", "--out", str(tmp_path), "--max-step-tokens", "8"]
+    result = cpl(*args, "--marker-bias", "4", "--no-few-shot", "--quiet", "--dtype", "float32")
+    assert result.returncode == 0, result.stderr[-3000:]
+    (path,) = (tmp_path / "trees").glob("*.json")
+    tree = Tree.model_validate_json(path.read_text())
+    assert tree.config.format == "xml" and tree.config.simulations == 200
+    assert tree.simulations_done == tree.root.N == 200

@@ -61,3 +61,56 @@ def test_round_resumes_after_interruption(tmp_path):
     report = json.loads((run_dir / "eval.json").read_text())
     assert report["base"]["total"] == 4
     assert len(list((run_dir / "search" / "trees").glob("*.json"))) == 6
+
+
+def cpl(*args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "cpl.cli", *args], cwd=REPO, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def test_round_2_refuses_without_the_previous_round(tmp_path):
+    train = world.write_gsm8k_jsonl(world.generate("arith", 2, seed=5, split="train"), tmp_path / "train.jsonl")
+    base = ["round", "--round", "2", "--base", str(PLANNER_DIR / "policy"), "--input", str(train)]
+    result = cpl(*base, "--run-dir", str(tmp_path / "r2"))
+    assert result.returncode == 2 and "--previous RUN_DIR" in result.stderr
+    result = cpl(*base, "--run-dir", str(tmp_path / "r2"), "--search-policy", str(PLANNER_DIR / "policy"))
+    assert result.returncode == 2 and "--search-value" in result.stderr  # one explicit model is not enough
+    half_done = tmp_path / "r1"
+    (half_done / "stages").mkdir(parents=True)
+    (half_done / "stages" / "search.json").write_text(json.dumps({"stage": "search", "status": "done"}))
+    result = cpl(*base, "--run-dir", str(tmp_path / "r2"), "--previous", str(half_done))
+    assert result.returncode == 2 and "trained no policy" in result.stderr
+    assert not (tmp_path / "r2").exists()  # refused before anything was written
+
+
+@pytest.mark.vllm
+def test_two_rounds_end_to_end(tmp_path):
+    """Round 2 searches with round 1's Step-APO policy and value model, and says so."""
+    train = world.write_gsm8k_jsonl(world.generate("arith", 3, seed=7, split="train"), tmp_path / "train.jsonl")
+    common = ["--base", str(PLANNER_DIR / "policy"), "--input", str(train), "--simulations", "8", "--no-few-shot"]
+    common += ["--max-step-tokens", "96", "--dtype", "float32", "--no-baselines", "--micro-batch-size", "4"]
+    common += ["--sft-epochs", "1", "--apo-epochs", "1", "--value-epochs", "1", "--value-batch-size", "8"]
+    r1, r2 = tmp_path / "r1", tmp_path / "r2"
+    first = cpl("round", *common, "--run-dir", str(r1), "--search-value", str(PLANNER_DIR / "value"))
+    assert first.returncode == 0, first.stderr[-3000:]
+    stages1 = {p.stem: json.loads(p.read_text()) for p in (r1 / "stages").iterdir()}
+    assert {s: r["status"] for s, r in stages1.items()} == dict.fromkeys(("search", "sft", "step_apo", "value"), "done")
+    assert stages1["search"]["outputs"]["models"]["policy_from"] == "base"
+    assert stages1["search"]["outputs"]["stats"]["plan_pairs"] > 0
+    assert "Table 1" in first.stdout and "searched with policy" in first.stdout
+
+    # The embedded planner only knows the plain format, so round 2 keeps it (the preset would switch to XML).
+    second = cpl("round", "--round", "2", *common, "--run-dir", str(r2), "--previous", str(r1), "--format", "plain")
+    assert second.returncode == 0, second.stderr[-3000:]
+    search2 = json.loads((r2 / "stages" / "search.json").read_text())
+    models = search2["outputs"]["models"]
+    assert (models["policy"], models["policy_from"]) == (str(r1 / "policy_step_apo"), "previous:step_apo")
+    assert (models["value"], models["value_from"]) == (str(r1 / "value"), "previous:value")
+    assert json.loads((r2 / "round.json").read_text())["previous"] == str(r1)
+    trees = [json.loads(p.read_text()) for p in (r2 / "search" / "trees").glob("*.json")]
+    assert len(trees) == 3 and all(t["config"]["simulations"] == 8 for t in trees)
+    value2 = json.loads((r2 / "stages" / "value.json").read_text())
+    if value2["status"] == "done":  # the round-2 value model continues from round 1's (decision 004)
+        manifest = json.loads((r2 / "value" / "manifest.json").read_text())
+        assert str(r1 / "value") in json.dumps(manifest)

@@ -101,10 +101,13 @@ async def window(args: argparse.Namespace, mode: str, url: str, key: str) -> dic
         if lat:
             result["p50_ms"] = 1000 * lat[len(lat) // 2]
             result["p99_ms"] = 1000 * lat[min(len(lat) - 1, int(0.99 * len(lat)))]
-        # Let the cancelled batch drain before the next window.
+        # Let the cancelled batch drain before the next window (at most a minute: a search that does not stop is
+        # reported, not waited for).
+        deadline = time.monotonic() + 60
         while True:
             b = (await client.get(f"/v1/batches/{batch_id}")).json()
-            if b["done"]:
+            if b["done"] or time.monotonic() > deadline:
+                result["not_final_after_cancel"] = b["counts"].get("cancelling", 0) + b["counts"].get("running", 0)
                 break
             await asyncio.sleep(0.5)
         return result

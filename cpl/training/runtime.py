@@ -255,7 +255,3 @@ class TrainEngine:
 
     def eval(self) -> None:
         self.module.eval()
-
-
-def place_batch(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}

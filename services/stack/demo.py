@@ -1,11 +1,15 @@
 """``make demo`` (``cpl up --demo``): once the stack is up, search a few held-out toy word problems through the
-search API, follow the batch, print the best plans and the paper's Table 1 statistics."""
+search API, follow the batch, export its datasets and trees, and print the same summary as library mode
+(:func:`cpl.search_stats.format_summary`: each best plan and the paper's Table 1)."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING
 
-from services.stack.client import ClientError, SearchAPIClient, Target, format_batch, format_best_plans
+from cpl.search_stats import compute_stats, format_summary
+from cpl.tree import Tree
+from services.stack.client import ClientError, SearchAPIClient, Target, format_batch
 
 if TYPE_CHECKING:
     from services.stack.up import Stack
@@ -23,16 +27,25 @@ def demo_problems(n: int) -> list[dict[str, str]]:
     ]
 
 
-def demo_batch(stack: Stack, n: int, simulations: int) -> int:
+def demo_batch(stack: Stack, n: int, simulations: int, out: Path | None = None) -> int:
+    out = out or stack.run_dir / "demo"
     try:
         with SearchAPIClient(Target(stack.url, stack.api_key)) as client:
             batch = client.submit_problems(demo_problems(n), simulations)
             print(f"\nSearching {n} held-out toy problems, {simulations} simulations each (batch {batch['id']}):")
             print(f"watch it live: {stack.url}/ui/batches/{batch['id']}", flush=True)
             batch = client.follow(batch["id"])
-            print("\n".join(format_best_plans(client.batch_searches(batch["id"]))))
-            print("\n".join(format_batch(batch)))
-            print(f"datasets: cpl export {batch['id']} --out runs/demo", flush=True)
+            searches = client.batch_searches(batch["id"])
+            trees = [
+                Tree.model_validate_json(client.request("GET", f"/v1/searches/{s['id']}/tree").content)
+                for s in searches
+            ]
+            counts = client.export(batch["id"], out)
+            (out / "trees").mkdir(parents=True, exist_ok=True)
+            for tree in trees:
+                (out / "trees" / f"{tree.id}.json").write_text(tree.model_dump_json())
+            print(format_batch(batch)[0])
+            print(format_summary(trees, compute_stats(trees, counts), out), flush=True)
     except ClientError as exc:
         print(f"demo: {exc}")
         return exc.code

@@ -41,7 +41,9 @@ class TrainerSettings(BaseSettings):
     admin_token: SecretStr | None = Field(default=None, description="bearer token of the services' /admin routes")
     admin_token_file: Path | None = Field(default=None, description="file holding the admin token instead")
     swap_timeout_s: float = Field(default=900.0, gt=0, description="how long one replica's swap may take")
-    request_timeout_s: float = Field(default=30.0, gt=0, description="timeout of the other calls to a replica")
+    replica_retries: int = Field(
+        default=2, ge=0, description="retries of a replica call that may be repeated (never of a swap)"
+    )
     deploy_lock_ttl_s: float = Field(
         default=3600.0, gt=0, description="a deployment lock expires after this long (a coordinator that died)"
     )
@@ -50,10 +52,34 @@ class TrainerSettings(BaseSettings):
         default=1e-3, gt=0, description="largest |V_replica - V_transformers| a value replica's probe may show"
     )
 
-    @field_validator("checkpoint_root", "base_policy", "base_value", "admin_token_file", mode="after")
+    # --- the training API --------------------------------------------------------------------------------
+    operator_keys: list[SecretStr] = Field(
+        default_factory=list, description="bearer keys allowed on the training and deployment routes (JSON list)"
+    )
+    operator_keys_file: Path | None = Field(default=None, description="file with one operator key per line")
+    max_upload_bytes: int = Field(default=256 << 20, ge=1, description="largest JSONL a training request carries")
+    training_lease_s: float = Field(
+        default=900.0,
+        gt=0,
+        description="a running job renews its lease at every step; a second delivery waits while it is live "
+        "(longer than the slowest step, model load or reference pass)",
+    )
+    visibility_timeout_s: int = Field(
+        default=3600, ge=1, description="the broker gives an unacknowledged train task to another worker after this"
+    )
+
+    @field_validator(
+        "checkpoint_root", "base_policy", "base_value", "admin_token_file", "operator_keys_file", mode="after"
+    )
     @classmethod
     def _expand(cls, value: Path | None) -> Path | None:
         return None if value is None else value.expanduser()
+
+    def resolved_operator_keys(self) -> list[str]:
+        keys = [k.get_secret_value() for k in self.operator_keys if k.get_secret_value()]
+        if self.operator_keys_file is not None:
+            keys += [line.strip() for line in self.operator_keys_file.read_text().splitlines() if line.strip()]
+        return keys
 
     def resolved_admin_token(self) -> str | None:
         if self.admin_token is not None and self.admin_token.get_secret_value():

@@ -118,7 +118,9 @@ def test_up_runs_the_demo_serves_submit_and_export_and_stops_clean_on_sigterm(tm
         assert "a private redis-server" in text
         after_setup = out.lines[next(i for i, line in enumerate(out.lines) if line.startswith("Dashboard:")) :]
         assert len(after_setup) < 60, text
-        assert "Table 1 over 2 trees:" in text and "→ answer" in text
+        assert "Table 1 (paper §4.1)" in text and "-> answer" in text
+        assert len(list((run_dir / "demo" / "trees").glob("*.json"))) == 2, "the demo's trees, for cpl.show"
+        assert (run_dir / "demo" / "value.jsonl").is_file()
         batch_id = next(line.split()[1].rstrip(":") for line in out.lines if line.startswith("batch "))
 
         family = psutil.Process(proc.pid).children(recursive=True)

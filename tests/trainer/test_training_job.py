@@ -15,7 +15,7 @@ import pytest
 
 from cpl.training.data import file_sha256
 from cpl.training.manifest import Manifest
-from services.common.checkpoints import CheckpointError, resolve_checkpoint_path
+from services.gateway.checkpoints import CheckpointError, resolve_checkpoint_path
 from services.trainer.checkpoints import CheckpointStore
 from tests.training.helpers import pair_rows, sft_rows, write_jsonl
 

@@ -1,0 +1,175 @@
+"""What a deployment does to requests in flight: latency of ``/v1/expand`` while a checkpoint is swapped into two
+policy replicas, against the same load with no deployment (measured in the same run).
+
+Set-up: the tiny Llama of ``cpl.models.tiny`` as the base (``A``) and two checkpoints published by real SFT jobs
+(``sft-1``, ``sft-2``) under one checkpoint root; two policy gateways (each with its vLLM child: float32,
+``--enforce-eager``, 128 MiB KV cache) on that root; Redis on 127.0.0.1:6379 (keys under a unique prefix, removed
+at the end). Load: ``--clients`` clients, half on each replica, each sending one greedy ``/v1/expand`` state
+(``--max-tokens`` tokens) after the other, without pause.
+
+Each round: ``--window`` seconds of load alone (the baseline), then a deployment (sft-1 and sft-2 alternate)
+under the same load. Per round: the baseline's median and longest request, the longest request that overlapped
+the deployment, the extra wait a request saw (longest during the deployment minus the baseline median), each
+replica's swap time, and failed requests (must be 0). Medians over rounds at the end.
+
+    .venv/bin/python bench/deploy_pause/run.py --rounds 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import redis
+import redis.asyncio as aioredis
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+
+from cpl.protocols import ExpandRequest, State  # noqa: E402
+from services.policy.client import PolicyClient  # noqa: E402
+from services.trainer.deploy import Deployer, DeploymentRequest, DeploymentTarget  # noqa: E402
+from services.trainer.jobs import TrainingSpec, run_training  # noqa: E402
+from services.trainer.probe import PROBE_QUESTION  # noqa: E402
+from services.trainer.settings import TrainerSettings  # noqa: E402
+from tests.services.conftest import ADMIN_TOKEN, _start, _stop  # noqa: E402
+from tests.training.helpers import sft_rows, write_jsonl  # noqa: E402
+
+REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+def publish(settings: TrainerSettings, tmp: Path) -> None:
+    for seed, name in [(1, "sft-1"), (2, "sft-2")]:
+        data = write_jsonl(tmp / f"{name}.jsonl", sft_rows(6, seed=seed))
+        overrides = {"learning_rate": 5e-3, "epochs": 2, "batch_size": 2, "seed": seed}
+        run_training(
+            TrainingSpec(id=f"bench-{name}", kind="sft", data=[data], name=name, overrides=overrides), settings
+        )
+
+
+async def one_round(settings: TrainerSettings, urls: list[str], checkpoint: str, args) -> dict:
+    request = ExpandRequest(
+        state=State(question=PROBE_QUESTION), n=1, temperature=0.0, max_tokens=args.max_tokens, few_shot=False
+    )
+    records: list[tuple[float, float]] = []  # (start, end) of each request
+    failures: list[str] = []
+    stop = asyncio.Event()
+    clients = [PolicyClient(url, retries=0, max_connections=args.clients) for url in urls]
+
+    async def worker(i: int) -> None:
+        client = clients[i % len(clients)]
+        while not stop.is_set():
+            start = time.perf_counter()
+            try:
+                await client.expand([request])
+            except Exception as exc:  # counted and reported: a deployment must not fail requests
+                failures.append(repr(exc))
+                continue
+            records.append((start, time.perf_counter()))
+
+    workers = [asyncio.create_task(worker(i)) for i in range(args.clients)]
+    redis_client = aioredis.Redis.from_url(settings.redis_url)
+    try:
+        await asyncio.sleep(args.window)
+        deploy_start = time.perf_counter()
+        deployment = await Deployer(settings, redis_client).deploy(
+            DeploymentRequest(targets=[DeploymentTarget(service="policy", checkpoint=checkpoint)])
+        )
+        deploy_end = time.perf_counter()
+        await asyncio.sleep(1.0)
+    finally:
+        stop.set()
+        await asyncio.gather(*workers)
+        for client in clients:
+            await client.aclose()
+        await redis_client.aclose()
+    if deployment.status != "succeeded":
+        raise RuntimeError(f"deployment failed: {deployment.error}")
+    baseline = [end - start for start, end in records if end < deploy_start]
+    during = [end - start for start, end in records if end > deploy_start and start < deploy_end]
+    median = statistics.median(baseline)
+    return {
+        "checkpoint": checkpoint,
+        "requests": len(records),
+        "failed": len(failures),
+        "baseline_median_s": round(median, 3),
+        "baseline_max_s": round(max(baseline), 3),
+        "during_max_s": round(max(during), 3),
+        "extra_wait_s": round(max(during) - median, 3),
+        "deployment_s": round(deploy_end - deploy_start, 3),
+        "swap_s": [o.swap_seconds for o in deployment.replicas],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--window", type=float, default=5.0, help="seconds of load before each deployment")
+    parser.add_argument("--max-tokens", type=int, default=24)
+    args = parser.parse_args()
+
+    from cpl.models.tiny import build_tiny_models
+
+    tmp = Path(tempfile.mkdtemp(prefix="cpl-deploy-bench-"))
+    prefix = f"cpl-bench-deploy-{uuid.uuid4().hex[:8]}:"
+    procs: list[subprocess.Popen] = []
+    try:
+        root = tmp / "root"
+        policy_a, _ = build_tiny_models(root / "A", seed=0)
+        settings = TrainerSettings(
+            checkpoint_root=root,
+            base_policy=policy_a,
+            redis_url=REDIS_URL,
+            key_prefix=prefix,
+            admin_token=ADMIN_TOKEN,
+        )
+        publish(settings, tmp)
+        env = {
+            "CPL_POLICY_MODEL": str(policy_a),
+            "CPL_POLICY_DTYPE": "float32",
+            "CPL_POLICY_KV_CACHE_MEMORY_BYTES": str(128 << 20),
+            "CPL_POLICY_ENFORCE_EAGER": "true",
+        }
+        services = []
+        for i in range(2):
+            service = _start("services.policy.main", "CPL_POLICY_", env, tmp / f"policy{i}.log", root)
+            procs.append(service.proc)
+            services.append(service)
+        settings = settings.model_copy(update={"policy_replicas": [s.url for s in services]})
+        rounds = []
+        for r in range(args.rounds):
+            result = asyncio.run(one_round(settings, settings.policy_replicas, ["sft-1", "sft-2"][r % 2], args))
+            print(json.dumps(result), flush=True)
+            rounds.append(result)
+        summary = {
+            key: statistics.median(r[key] for r in rounds)
+            for key in ("baseline_median_s", "baseline_max_s", "during_max_s", "extra_wait_s", "deployment_s")
+        }
+        summary["failed_total"] = sum(r["failed"] for r in rounds)
+        summary["swap_s_median"] = statistics.median(s for r in rounds for s in r["swap_s"])
+        summary["load_average"] = os.getloadavg()
+        print(json.dumps({"median_of_rounds": summary, "rounds": args.rounds, "clients": args.clients}))
+    finally:
+        for proc in procs:
+            _stop(proc)
+        client = redis.Redis.from_url(REDIS_URL)
+        keys = list(client.scan_iter(match=f"{prefix}*"))
+        if keys:
+            client.delete(*keys)
+        client.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,168 @@
+"""The training and deployment routes (an ``APIRouter`` the search service's app includes).
+
+- ``POST /v1/trainings``: kind, starting model, data (an inline JSONL, checked row by row against the job's row
+  schema of docs/data-formats.md before anything is queued), output name, config overrides, ``deploy``. 202.
+- ``GET /v1/trainings``, ``GET /v1/trainings/{id}``: status, step / total steps, epoch, loss, learning rate,
+  ETA, loss curve, final metrics, the published checkpoint and its manifest.
+- ``POST /v1/trainings/{id}/cancel``.
+- ``POST /v1/deployments``, ``GET /v1/deployments``, ``GET /v1/deployments/{id}``.
+
+Every route needs an operator key (``CPL_TRAINER_OPERATOR_KEYS``): 401 without a bearer token, 403 with any
+other key (a search API key included). Bad input is a 4xx with a message and queues nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import redis
+import redis.asyncio as aioredis
+from fastapi import APIRouter, Depends, HTTPException
+from pydantic import BaseModel, Field
+
+from cpl.training.config import JobKind
+from cpl.training.data import PairRow, SFTRow, StepPairRow, TrainingInputError, ValueRow, read_rows
+from services.common.auth import bearer_auth
+from services.trainer.checkpoints import NAME_RE, CheckpointNameError, CheckpointStore, check_name
+from services.trainer.deploy import Deployer, Deployment, DeploymentError, DeploymentRequest
+from services.trainer.jobs import TrainingSpec, build_config, starting_model
+from services.trainer.records import FINAL, TrainingRecord, TrainingStore
+from services.trainer.settings import TrainerSettings
+
+log = logging.getLogger(__name__)
+
+UPLOADS = ".uploads"
+ROW_TYPES = {"sft": SFTRow, "step-apo": StepPairRow, "step-dpo": PairRow, "dpo": PairRow, "value": ValueRow}
+
+
+class TrainingCreate(BaseModel):
+    kind: JobKind
+    model: str = Field(default="base", description="`base`, or the name of a published checkpoint")
+    data_jsonl: str = Field(min_length=1, description="the dataset: JSONL rows of the job's format")
+    name: str | None = Field(default=None, description="checkpoint name (default: `<kind>-<training id>`)")
+    overrides: dict[str, Any] = Field(default_factory=dict, description="hyperparameters over the defaults")
+    deploy: bool = Field(default=False, description="deploy the checkpoint to every replica when done")
+
+
+class CancelResult(BaseModel):
+    id: str
+    status: str
+    cancel_requested: bool
+
+
+def create_trainer_router(settings: TrainerSettings, enqueue: Callable[[str], None]) -> APIRouter:
+    """The routes; ``enqueue(training_id)`` sends the train task (e.g. :func:`tasks.enqueue_training`)."""
+    auth = bearer_auth(settings.resolved_operator_keys, "training API (operator key)")
+    router = APIRouter(prefix="/v1", dependencies=[Depends(auth)], tags=["trainings"])
+    store = TrainingStore(redis.Redis.from_url(settings.redis_url), settings.key_prefix)
+    checkpoints = CheckpointStore(settings.checkpoint_root)
+    async_redis = aioredis.Redis.from_url(settings.redis_url)
+    deployer = Deployer(settings, async_redis)
+    running: set[asyncio.Task[Any]] = set()
+
+    def _create(body: TrainingCreate) -> TrainingRecord:
+        training_id = uuid.uuid4().hex[:16]
+        name = body.name or f"{body.kind}-{training_id}"
+        try:
+            check_name(name)
+            if checkpoints.exists(name):
+                raise CheckpointNameError(409, f"a checkpoint named {name!r} exists already")
+            spec = TrainingSpec(id=training_id, kind=body.kind, model=body.model, data=[Path("-")], name=name)
+            starting_model(spec, settings, checkpoints)
+            build_config(spec.model_copy(update={"overrides": body.overrides}))
+        except CheckpointNameError as exc:
+            raise HTTPException(422 if exc.status == 400 else exc.status, exc.message) from exc
+        except TrainingInputError as exc:
+            raise HTTPException(422, str(exc)) from exc
+        data = body.data_jsonl.encode()
+        if len(data) > settings.max_upload_bytes:
+            raise HTTPException(413, f"data_jsonl is larger than {settings.max_upload_bytes} bytes")
+        upload = settings.checkpoint_root / UPLOADS / f"{training_id}.jsonl"
+        upload.parent.mkdir(parents=True, exist_ok=True)
+        upload.write_bytes(data)
+        try:
+            rows, _ = read_rows([upload], ROW_TYPES[body.kind])
+        except TrainingInputError as exc:
+            upload.unlink(missing_ok=True)
+            message = str(exc).replace(str(upload), "data_jsonl")
+            raise HTTPException(422, f"data does not fit a {body.kind} training: {message}") from exc
+        record = TrainingRecord(
+            id=training_id,
+            kind=body.kind,
+            model=body.model,
+            data=[str(upload)],
+            data_rows=len(rows),
+            name=name,
+            overrides=body.overrides,
+            deploy=body.deploy,
+        )
+        store.create(record)
+        try:
+            enqueue(training_id)
+        except Exception as exc:
+            record.status, record.error = "failed", f"could not queue the training: {exc}"
+            store.save(record)
+            raise HTTPException(503, record.error, headers={"Retry-After": "5"}) from exc
+        return record
+
+    @router.post("/trainings", status_code=202, response_model=TrainingRecord, responses={401: {}, 403: {}})
+    async def create_training(body: TrainingCreate) -> TrainingRecord:
+        """Check everything, then queue the job on the ``train`` queue. 202 with the training."""
+        return await asyncio.to_thread(_create, body)
+
+    @router.get("/trainings", response_model=list[TrainingRecord])
+    async def list_trainings(limit: int = 100) -> list[TrainingRecord]:
+        return await asyncio.to_thread(store.list, max(1, min(limit, 1000)))
+
+    async def _get(training_id: str) -> TrainingRecord:
+        record = await asyncio.to_thread(store.get, training_id) if NAME_RE.fullmatch(training_id) else None
+        if record is None:
+            raise HTTPException(404, f"no training {training_id!r}")
+        return record
+
+    @router.get("/trainings/{training_id}", response_model=TrainingRecord)
+    async def get_training(training_id: str) -> TrainingRecord:
+        return await _get(training_id)
+
+    @router.post("/trainings/{training_id}/cancel", status_code=202, response_model=CancelResult)
+    async def cancel_training(training_id: str) -> CancelResult:
+        """Queued: cancelled at once. Running: stops after the current step, publishes nothing."""
+        record = await _get(training_id)
+        if record.status in FINAL:
+            raise HTTPException(409, f"training {training_id} is already {record.status}")
+        await asyncio.to_thread(store.request_cancel, training_id)
+        record = await _get(training_id)
+        if record.status == "queued":
+            record.status = "cancelled"
+            await asyncio.to_thread(store.save, record)
+        return CancelResult(id=training_id, status=record.status, cancel_requested=True)
+
+    @router.post("/deployments", status_code=202, response_model=Deployment, tags=["deployments"])
+    async def create_deployment(body: DeploymentRequest) -> Deployment:
+        """Swap published checkpoints into every replica (one deployment per service at a time: 409)."""
+        try:
+            deployment, locks, paths = await deployer.begin(body)
+        except DeploymentError as exc:
+            raise HTTPException(exc.status, exc.message) from exc
+        task = asyncio.create_task(deployer.run(body, deployment, locks, paths))
+        running.add(task)
+        task.add_done_callback(running.discard)
+        return deployment
+
+    @router.get("/deployments", response_model=list[Deployment], tags=["deployments"])
+    async def list_deployments(limit: int = 50) -> list[Deployment]:
+        return await deployer.store.list(max(1, min(limit, 500)))
+
+    @router.get("/deployments/{deployment_id}", response_model=Deployment, tags=["deployments"])
+    async def get_deployment(deployment_id: str) -> Deployment:
+        found = await deployer.store.get(deployment_id) if NAME_RE.fullmatch(deployment_id) else None
+        if found is None:
+            raise HTTPException(404, f"no deployment {deployment_id!r}")
+        return found
+
+    return router
