@@ -2,13 +2,14 @@
 
     .venv/bin/python bench/search_efficiency/run.py --concurrency 4,16 --problems 8 --simulations 16
 
-For each worker concurrency: the stack of ``cpl up`` is started (private Redis when none answers at
-``CPL_REDIS_URL``; policy and value services on the embedded planner; the search API; one worker with that many
-Celery threads), with a recording proxy between the worker and the policy service that writes down every
-``POST /v1/expand`` body. A batch of held-out toy problems runs to the end (stack time: submit to the last search
-final). The stack is stopped, then every recorded generation request is replayed through vLLM's offline
-``LLM.generate`` in one call, on the same machine, with the policy service's engine settings and the exact
-prompts and sampling settings the service sent to its vLLM server (``services.policy.app.completion_payload``).
+The stack of ``cpl up`` is started once (private Redis when none answers at ``CPL_REDIS_URL``; policy and value
+services on the embedded planner; the search API), with a recording proxy between the worker and the policy
+service that writes down every ``POST /v1/expand`` body. For each worker concurrency, the worker is started
+with that many Celery threads and a batch of held-out toy problems runs to the end (stack time: submit to the
+last search final). The stack is stopped, then each batch's recorded generation requests are replayed through
+vLLM's offline ``LLM.generate`` in one call, on the same machine, with the policy service's engine settings and
+the exact prompts and sampling settings the service sent to its vLLM server
+(``services.policy.app.completion_payload``).
 
 efficiency = replay time / stack time. 1.0 would mean the stack adds nothing to pure generation (value calls,
 tree bookkeeping, Redis, HTTP, and the batches vLLM gets being smaller than one offline batch all count against
@@ -84,28 +85,56 @@ class RecordedStack(Stack):
         return super().search_env(self.proxy.url, value_url)
 
 
-def run_stack(args: argparse.Namespace, concurrency: int, run_dir: Path) -> tuple[float, list[dict[str, Any]], int]:
-    os.environ["CPL_SEARCH_WORKER_CONCURRENCY"] = str(concurrency)
-    stack = RecordedStack(run_dir=run_dir, port=find_free_port())
+def restart_worker(stack: Stack, concurrency: int) -> None:
+    """The stack's worker, stopped and started again with ``concurrency`` Celery threads."""
+    worker = next(c for c in stack.children if c.name == "worker")
+    worker.stop(timeout_s=60)
+    worker.env = {**worker.env, "CPL_SEARCH_WORKER_CONCURRENCY": str(concurrency)}
+    worker.start()
+    stack._wait_worker(worker.env)
+
+
+def run_batches(args: argparse.Namespace, concurrencies: list[int]) -> dict[int, tuple[float, list, int]]:
+    """One stack; for each concurrency a fresh worker and one batch: (stack seconds, recorded expands, sims)."""
+    stack = RecordedStack(run_dir=args.run_dir, port=find_free_port())
+    runs: dict[int, tuple[float, list, int]] = {}
     try:
         stack.start()
-        with SearchAPIClient(Target(stack.url, stack.api_key), timeout_s=120) as client:
-            t0 = time.monotonic()
-            batch = client.submit_problems(demo_problems(args.problems), args.simulations)
-            batch = client.follow(batch["id"], interval_s=0.5, show_bar=False)
-            stack_s = time.monotonic() - t0
-            sims = sum(s["progress"]["simulations_done"] for s in client.batch_searches(batch["id"]))
         assert stack.proxy is not None
-        return stack_s, list(stack.proxy.expands), sims
+        with SearchAPIClient(Target(stack.url, stack.api_key), timeout_s=120) as client:
+            for c in concurrencies:
+                restart_worker(stack, c)
+                stack.proxy.expands.clear()
+                t0 = time.monotonic()
+                batch = client.submit_problems(demo_problems(args.problems), args.simulations)
+                batch = client.follow(batch["id"], interval_s=0.5, show_bar=False)
+                stack_s = time.monotonic() - t0
+                sims = sum(s["progress"]["simulations_done"] for s in client.batch_searches(batch["id"]))
+                runs[c] = (stack_s, list(stack.proxy.expands), sims)
+                print(json.dumps({"concurrency": c, "stack_s": stack_s, "simulations": sims}), flush=True)
     finally:
         if stack.proxy is not None:
             stack.proxy.stop()
         stack.stop()
+    return runs
 
 
-def replay(expands: list[dict[str, Any]]) -> tuple[float, int, int]:
+def open_llm() -> Any:
+    """The offline engine with the policy service's settings under cpl up (services/stack/up.py)."""
+    from vllm import LLM
+
+    return LLM(
+        model=str(REPO_ASSETS / "policy"),
+        dtype="float32",
+        max_model_len=2048,
+        kv_cache_memory_bytes=256 << 20,
+        enforce_eager=True,
+    )
+
+
+def replay(llm: Any, expands: list[dict[str, Any]]) -> tuple[float, int, int]:
     """Every recorded state's completion, in one ``LLM.generate`` call; answers (seconds, prompts, tokens)."""
-    from vllm import LLM, SamplingParams
+    from vllm import SamplingParams
 
     prompts, params = [], []
     for body in expands:
@@ -121,20 +150,10 @@ def replay(expands: list[dict[str, Any]]) -> tuple[float, int, int]:
                     logprobs=0,
                 )
             )
-    llm = LLM(
-        model=str(REPO_ASSETS / "policy"),
-        dtype="float32",
-        max_model_len=2048,
-        kv_cache_memory_bytes=256 << 20,
-        enforce_eager=True,
-    )
-    try:
-        llm.generate(prompts[:2], params[:2], use_tqdm=False)  # warm-up, outside the timing
-        t0 = time.perf_counter()
-        outputs = llm.generate(prompts, params, use_tqdm=False)
-        seconds = time.perf_counter() - t0
-    finally:
-        del llm
+    llm.generate(prompts[:2], params[:2], use_tqdm=False)  # warm-up, outside the timing
+    t0 = time.perf_counter()
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    seconds = time.perf_counter() - t0
     tokens = sum(len(c.token_ids) for o in outputs for c in o.outputs)
     return seconds, len(prompts), tokens
 
@@ -149,10 +168,13 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
     results = []
+    concurrencies = [int(x) for x in args.concurrency.split(",")]
     for r in range(args.rounds):
-        for c in [int(x) for x in args.concurrency.split(",")]:
-            stack_s, expands, sims = run_stack(args, c, args.run_dir / f"c{c}-r{r}")
-            replay_s, prompts, tokens = replay(expands)
+        # Problems differ between rounds only through sampling; the stack is fresh each round.
+        runs = run_batches(args, concurrencies)
+        llm = open_llm()
+        for c, (stack_s, expands, sims) in runs.items():
+            replay_s, prompts, tokens = replay(llm, expands)
             res = {
                 "round": r,
                 "concurrency": c,
@@ -167,6 +189,7 @@ def main() -> None:
             }
             results.append(res)
             print(json.dumps(res), flush=True)
+        del llm
     for c in sorted({x["concurrency"] for x in results}):
         eff = statistics.median(x["efficiency"] for x in results if x["concurrency"] == c)
         print(f"concurrency {c}: efficiency {eff:.2f} (median of {args.rounds})")
