@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from cpl.search_stats import compute_stats, format_summary
+from cpl.search_stats import compute_stats, format_summary, write_stats
 from cpl.tree import Tree
 from services.stack.client import ClientError, SearchAPIClient, Target, format_batch
 
@@ -44,8 +44,10 @@ def demo_batch(stack: Stack, n: int, simulations: int, out: Path | None = None) 
             (out / "trees").mkdir(parents=True, exist_ok=True)
             for tree in trees:
                 (out / "trees" / f"{tree.id}.json").write_text(tree.model_dump_json())
+            stats = compute_stats(trees, counts)
+            write_stats(out, stats)
             print(format_batch(batch)[0])
-            print(format_summary(trees, compute_stats(trees, counts), out), flush=True)
+            print(format_summary(trees, stats, out), flush=True)
     except ClientError as exc:
         print(f"demo: {exc}")
         return exc.code
