@@ -154,12 +154,13 @@ def run_serve(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """The ``cpl`` console script: the library's commands plus ``cpl serve``, ``cpl worker`` and the evaluations
-    over HTTP (``cpl eval --policy-url``, ``cpl eval-ood``)."""
+    """The ``cpl`` console script: the library's commands plus ``cpl serve``, ``cpl worker``, the evaluations
+    over HTTP (``cpl eval --policy-url``, ``cpl eval-ood``) and the stack (``cpl up``, ``submit``, ``export``)."""
     from cpl.cli import main as cpl_main
     from services.policy.evaluation import add_eval_commands
+    from services.stack.cli import add_stack_parsers
 
-    return cpl_main(argv, extensions=[add_serve_parser, add_worker_parser, add_eval_commands])
+    return cpl_main(argv, extensions=[add_serve_parser, add_worker_parser, add_eval_commands, add_stack_parsers])
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ from services.common.auth import bearer_auth
 from services.common.errors import APIError
 from services.policy.client import PolicyClient
 from services.search.celery_app import TASK_RUN, create_celery
+from services.search.dashboard import dashboard_router
 from services.search.keys import Keys
 from services.search.metrics import SearchMetrics
 from services.search.records import table_stats
@@ -567,6 +568,7 @@ def create_search_app(settings: SearchSettings | None = None) -> FastAPI:
         )
 
     app.include_router(v1)
+    app.include_router(dashboard_router())  # the dashboard at / (services/search/dashboard)
     return app
 
 
