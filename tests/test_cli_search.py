@@ -21,7 +21,7 @@ SAMPLE = REPO / "examples" / "gsm8k_sample.jsonl"
 SIMULATIONS = 24
 
 
-def cpl(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+def cpl(*args: str, timeout: float = 1200) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "cpl.cli", *args], capture_output=True, text=True, timeout=timeout, cwd=REPO
     )
