@@ -21,7 +21,7 @@ SAMPLE = REPO / "examples" / "gsm8k_sample.jsonl"
 SIMULATIONS = 24
 
 
-def cpl(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+def cpl(*args: str, timeout: float = 1200) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "cpl.cli", *args], capture_output=True, text=True, timeout=timeout, cwd=REPO
     )
@@ -138,7 +138,8 @@ def test_demo_searches_real_plans_with_the_embedded_planner(tmp_path):
     result = cpl("demo", "--out", str(tmp_path))
     assert result.returncode == 0, result.stderr[-3000:]
     output = result.stdout + result.stderr
-    assert len(output.splitlines()) < 60, output
+    # lines as a terminal shows them: progress bars redraw one line with \r, so count newlines only
+    assert output.count("\n") < 60, output
     assert "INFO" not in output
     trees = [Tree.model_validate_json(p.read_text()) for p in (tmp_path / "trees").glob("*.json")]
     assert len(trees) == 3

@@ -70,7 +70,7 @@ def test_round_resumes_after_interruption(tmp_path):
     assert len(list((run_dir / "search" / "trees").glob("*.json"))) == 3
 
 
-def cpl(*args: str, timeout: float = 1200) -> subprocess.CompletedProcess[str]:
+def cpl(*args: str, timeout: float = 1800) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "cpl.cli", *args], cwd=REPO, capture_output=True, text=True, timeout=timeout
     )
@@ -92,7 +92,7 @@ def test_round_2_refuses_without_the_previous_round(tmp_path):
 
 
 @pytest.mark.vllm
-@pytest.mark.timeout(2400)  # two rounds: four vLLM engine starts and six training jobs on 2 shared cores
+@pytest.mark.timeout(3600)  # two rounds: four vLLM engine starts and six training jobs on 2 shared cores
 def test_two_rounds_end_to_end(tmp_path):
     """Round 2 searches with round 1's final policy and value model, and says so."""
     train = world.write_gsm8k_jsonl(demo_problems(), tmp_path / "train.jsonl")  # they yield pairs under search
