@@ -5,12 +5,17 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from cpl.config import PriorMode, SearchConfig
+from pydantic import ValidationError
+
+from cpl.cli_fields import FieldFlag, add_field_flags, given_fields
+from cpl.config import SearchConfig
 from cpl.formats import PromptFormat
 from cpl.problems import Problem
 
@@ -27,6 +32,9 @@ def _positive(value: str) -> int:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
     return number
 
+
+positive_int = _positive
+"""argparse type of a positive integer (for the service layer's commands)."""
 
 PLANNER_DIR = Path(__file__).resolve().parent / "assets" / "planner"
 """The embedded default model: the toy planner trained by `cpl.toy.train_planner` (docs/toy-world.md)."""
@@ -60,8 +68,38 @@ def _problems(path: Path, limit: int | None) -> list[Problem]:
     return problems
 
 
+ROUND_PRESETS = {"--round 2": SearchConfig.round_preset(2)}
+
+SEARCH_FLAGS: tuple[FieldFlag | str, ...] = (
+    "simulations",
+    "c_puct",
+    "temperature",
+    "root_children",
+    "children",
+    "max_depth",
+    "max_step_tokens",
+    "prior",
+    "format",
+    FieldFlag("few_shot", negate=True),
+)
+"""The `SearchConfig` fields `cpl search` takes as flags (help and defaults come from the fields)."""
+
+ROUND_SEARCH_FLAGS: tuple[FieldFlag | str, ...] = (
+    "simulations",
+    "format",
+    "max_step_tokens",
+    "max_depth",
+    FieldFlag("few_shot", negate=True),
+)
+"""The `SearchConfig` fields `cpl round` takes as flags, on top of the round preset."""
+
+
+def add_round_flag(p: argparse.ArgumentParser, *, default: int | None) -> None:
+    help_text = "round preset: 1 = plain/200 sims, 2 = XML/100 sims; flags given override it"
+    p.add_argument("--round", type=int, choices=[1, 2], default=default, help=help_text)
+
+
 def add_search_arguments(p: argparse.ArgumentParser) -> None:
-    defaults = SearchConfig()
     p.add_argument("--policy", type=Path, help="policy model directory (default: the embedded model)")
     p.add_argument("--value", type=Path, help="value model directory (default: the embedded model)")
     source = p.add_mutually_exclusive_group()
@@ -70,15 +108,8 @@ def add_search_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--answer", help="ground-truth answer of --question (omit for inference mode)")
     p.add_argument("--limit", type=_positive, help="search only the first N problems of --input")
     p.add_argument("--out", type=Path, required=True, help="output directory")
-    p.add_argument("--simulations", type=_positive, default=defaults.simulations)
-    p.add_argument("--round", type=int, choices=[1, 2], help="round preset: 1 = plain/200 sims, 2 = XML/100 sims")
-    p.add_argument("--format", choices=[f.value for f in PromptFormat], default=None)
-    p.add_argument("--no-few-shot", action="store_true", help="leave the appendix A.1 demonstrations out")
-    p.add_argument("--c-puct", type=float, default=defaults.c_puct)
-    p.add_argument("--temperature", type=float, default=defaults.temperature)
-    p.add_argument("--max-depth", type=_positive, default=defaults.max_depth)
-    p.add_argument("--max-step-tokens", type=_positive, default=defaults.max_step_tokens)
-    p.add_argument("--prior", choices=[m.value for m in PriorMode], default=defaults.prior.value)
+    add_round_flag(p, default=None)
+    add_field_flags(p, SearchConfig, SEARCH_FLAGS, presets=ROUND_PRESETS)
     p.add_argument("--concurrency", type=_positive, default=32, help="trees searched at once")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default="auto", help="vLLM dtype (auto, float32, bfloat16, ...)")
@@ -89,23 +120,19 @@ def add_search_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def search_config(args: argparse.Namespace) -> SearchConfig:
-    overrides = {
-        "c_puct": args.c_puct,
-        "temperature": args.temperature,
-        "max_depth": args.max_depth,
-        "max_step_tokens": args.max_step_tokens,
-        "prior": args.prior,
-        "few_shot": not args.no_few_shot,
-    }
-    if args.round:
-        config = SearchConfig.round_preset(args.round, **overrides)
-        if args.simulations != SearchConfig().simulations:
-            config = config.model_copy(update={"simulations": args.simulations})
-    else:
-        config = SearchConfig(simulations=args.simulations, **overrides)
-    if args.format:
-        config = config.model_copy(update={"format": PromptFormat(args.format)})
-    return config
+    """The round preset (when ``--round`` is given) or the defaults, with every flag given on top."""
+    given = given_fields(args, SearchConfig)
+    try:
+        if args.round:
+            return SearchConfig.round_preset(args.round, **given)
+        return SearchConfig(**given)
+    except ValidationError as exc:
+        raise CLIError(validation_message(exc)) from exc
+
+
+def validation_message(exc: ValidationError) -> str:
+    parts = [f"{'.'.join(str(x) for x in e.get('loc', ()))}: {e.get('msg')}" for e in exc.errors()]
+    return "invalid settings: " + "; ".join(parts)
 
 
 def cmd_search(args: argparse.Namespace) -> int:
@@ -138,6 +165,9 @@ def cmd_search(args: argparse.Namespace) -> int:
         marker_bias=args.marker_bias,
         show_progress=not args.quiet,
     )
+    from cpl.search_stats import summary_of_run
+
+    print(summary_of_run(args.out, [p.id for p in problems]))
     print(f"{len(problems)} trees in {args.out / 'trees'}; " + ", ".join(f"{k}: {v}" for k, v in counts.items()))
     return 0
 
@@ -150,65 +180,62 @@ def cmd_models_tiny(args: argparse.Namespace) -> int:
     return 0
 
 
+DEMO_SAMPLE = {"family": "arith", "n": 8, "seed": 11, "split": "test"}
+DEMO_PICKS = (1, 3, 6)
+"""The demo's three held-out toy problems, picked from `DEMO_SAMPLE`: a trap question the planner reads both ways,
+one whose implementation it sometimes gets wrong, and a long one; under search they yield plan and solution pairs
+(measured with `cpl search --simulations 24` on the whole sample; docs/toy-world.md has the world)."""
+
+
+def demo_problems() -> list[Any]:
+    from cpl.toy import world
+
+    sample = world.generate(**DEMO_SAMPLE)  # type: ignore[arg-type]
+    return [sample[i] for i in DEMO_PICKS]
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """The README's main job: the embedded planner searches three held-out toy word problems."""
     from cpl.toy import world
 
     args.out.mkdir(parents=True, exist_ok=True)
     sample = args.out / "problems.jsonl"
-    world.write_gsm8k_jsonl(world.generate("arith", 3, seed=11, split="test"), sample)
-    argv = ["search", "--input", str(sample), "--out", str(args.out), "--simulations", str(args.simulations)]
-    code = main([*argv, "--max-step-tokens", "96", "--no-few-shot", "--dtype", "float32"])
+    world.write_gsm8k_jsonl(demo_problems(), sample)
+    argv = ["--verbose"] if args.verbose else []
+    argv += ["search", "--input", str(sample), "--out", str(args.out), "--simulations", str(args.simulations)]
+    code = main([*argv, "--max-step-tokens", "96", "--no-few-shot", "--dtype", "float32", "--seed", str(args.seed)])
     if code == 0:
-        print(f"problems: {sample}\nlook at a tree: python -m cpl.show {args.out / 'trees'}")
+        print(f"problems: {sample}")
     return code
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from cpl.evaluation import evaluate, http_generator, offline_generator
+    from cpl.evaluation import evaluate, offline_generator
 
-    if (args.model is None) == (args.policy_url is None):
-        raise CLIError("give exactly one of --model DIR or --policy-url URL")
+    policy_url = getattr(args, "policy_url", None)  # added by the service layer (services/policy/evaluation.py)
+    if (args.model is None) == (policy_url is None):
+        raise CLIError(
+            "give exactly one of --model DIR or --policy-url URL" if hasattr(args, "policy_url") else "give --model DIR"
+        )
     problems = _problems(args.input, args.limit)
     fmt = PromptFormat(args.format)
-    few_shot = not args.no_few_shot
     if args.model is not None:
         with offline_generator(str(_model_dir(args.model, "model")), fmt, dtype=args.dtype) as generate:
-            report = evaluate(problems, generate, fmt=fmt, few_shot=few_shot, max_tokens=args.max_tokens)
+            report = evaluate(problems, generate, fmt=fmt, few_shot=args.few_shot, max_tokens=args.max_tokens)
     else:
-        generate = http_generator(args.policy_url, fmt)
-        report = evaluate(problems, generate, fmt=fmt, few_shot=few_shot, max_tokens=args.max_tokens)
+        generate = args.remote_generator(policy_url, fmt)
+        report = evaluate(problems, generate, fmt=fmt, few_shot=args.few_shot, max_tokens=args.max_tokens)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(report.model_dump_json(indent=2))
-    print(f"accuracy {report.accuracy:.4f} ({report.correct}/{report.total}) on {args.input}")
-    return 0
-
-
-def cmd_eval_ood(args: argparse.Namespace) -> int:
-    from cpl.ood_eval import run_lm_eval
-
-    tasks = [t for t in args.tasks.split(",") if t]
-    if not tasks:
-        raise CLIError("--tasks is empty")
-    results = run_lm_eval(
-        args.base_url,
-        args.tokenizer,
-        tasks,
-        include_path=args.include_path,
-        limit=args.limit,
-        num_fewshot=args.num_fewshot,
-    )
-    text = json.dumps(results, indent=2, default=str)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
-    print(text)
+    shots = "few-shot" if args.few_shot else "zero-shot"
+    print(f"accuracy {report.accuracy:.4f} ({report.correct}/{report.total}) on {args.input}, {shots}")
     return 0
 
 
 def cmd_round(args: argparse.Namespace) -> int:
-    from cpl.round import Round, RoundSettings, print_stage
+    from cpl.round import Round, RoundSettings, RoundSettingsError, print_stage, summarise_round
+    from cpl.training.config import PreferenceConfig, SFTConfig, ValueConfig
 
     problems = _problems(args.input, args.limit)
     eval_problems = _problems(args.eval_input, args.eval_limit) if args.eval_input else []
@@ -216,55 +243,70 @@ def cmd_round(args: argparse.Namespace) -> int:
     for flag, path in (("search-policy", args.search_policy), ("search-value", args.search_value)):
         if path is not None:
             _model_dir(path, flag)
-    search = SearchConfig.round_preset(
-        args.round,
-        few_shot=not args.no_few_shot,
-        max_step_tokens=args.max_step_tokens,
-        max_depth=args.max_depth,
-        **({"simulations": args.simulations} if args.simulations else {}),
-    )
+    search = search_config(args)
 
     def overrides(**values: object) -> dict[str, object]:
         return {k: v for k, v in values.items() if v is not None}
 
     micro = args.micro_batch_size
-    settings = RoundSettings(
-        round=args.round,
-        base=base,
-        search_policy=args.search_policy,
-        search_value=args.search_value,
-        search=search,
-        concurrency=args.concurrency,
-        dtype=args.dtype,
-        marker_bias=args.marker_bias,
-        baselines=not args.no_baselines,
-        sft=overrides(
-            epochs=args.sft_epochs, batch_size=args.sft_batch_size, learning_rate=args.sft_lr, micro_batch_size=micro
-        ),
-        preference=overrides(
-            epochs=args.apo_epochs, batch_size=args.apo_batch_size, learning_rate=args.apo_lr, micro_batch_size=micro
-        ),
-        value=overrides(
-            epochs=args.value_epochs,
-            batch_size=args.value_batch_size,
-            learning_rate=args.value_lr,
-            micro_batch_size=micro,
-        ),
-        eval_max_tokens=args.eval_max_tokens,
-        seed=args.seed,
-    )
-    records = Round(args.run_dir, settings, problems, eval_problems).run_all(on_stage=print_stage)
+    try:
+        settings = RoundSettings(
+            round=args.round,
+            base=base,
+            previous=args.previous,
+            search_policy=args.search_policy,
+            search_value=args.search_value,
+            search=search,
+            concurrency=args.concurrency,
+            dtype=args.dtype,
+            marker_bias=args.marker_bias,
+            baselines=not args.no_baselines,
+            sft=SFTConfig.round_preset(
+                args.round,
+                **overrides(
+                    epochs=args.sft_epochs,
+                    batch_size=args.sft_batch_size,
+                    learning_rate=args.sft_lr,
+                    micro_batch_size=micro,
+                ),
+            ),
+            preference=PreferenceConfig(
+                **overrides(
+                    epochs=args.apo_epochs,
+                    batch_size=args.apo_batch_size,
+                    learning_rate=args.apo_lr,
+                    micro_batch_size=micro,
+                )
+            ),
+            value=ValueConfig(
+                **overrides(
+                    epochs=args.value_epochs,
+                    batch_size=args.value_batch_size,
+                    learning_rate=args.value_lr,
+                    micro_batch_size=micro,
+                )
+            ),
+            eval_max_tokens=args.eval_max_tokens,
+            eval_few_shot=args.eval_few_shot,
+            seed=args.seed,
+        )
+        cpl_round = Round(args.run_dir, settings, problems, eval_problems)
+    except RoundSettingsError as exc:
+        raise CLIError(str(exc)) from exc
+    records = cpl_round.run_all(on_stage=print_stage)
     for stage, record in records.items():
         extra = f" ({record.reason})" if record.reason else ""
         print(f"{stage}: {record.status}{extra}")
     if "eval" in records and records["eval"].status == "done":
         print("accuracy: " + json.dumps(records["eval"].outputs["accuracy"]))
+    print(summarise_round(cpl_round))
     return 0
 
 
 Extension = Callable[[Any], Any]
-"""Adds sub-commands to the ``cpl`` parser; the service layer uses it to add ``cpl serve`` (the library itself
-knows nothing about services)."""
+"""Adds sub-commands (or options of the library's sub-commands) to the ``cpl`` parser; the service layer uses it
+to add ``cpl serve``, ``cpl eval --policy-url`` and ``cpl eval-ood`` (the library itself knows nothing about
+services and speaks no HTTP)."""
 
 
 def build_parser(extensions: Sequence[Extension] = ()) -> argparse.ArgumentParser:
@@ -274,8 +316,6 @@ def build_parser(extensions: Sequence[Extension] = ()) -> argparse.ArgumentParse
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
     add_train_parser(sub)
-    for extend in extensions:
-        extend(sub)
 
     search = sub.add_parser("search", help="MCTS over plan steps, in-process on vLLM")
     add_search_arguments(search)
@@ -288,43 +328,40 @@ def build_parser(extensions: Sequence[Extension] = ()) -> argparse.ArgumentParse
     tiny.add_argument("--seed", type=int, default=0)
     tiny.set_defaults(func=cmd_models_tiny)
 
-    ev = sub.add_parser("eval", help="zero-shot accuracy on GSM8K/MATH-format JSONL")
-    target = ev.add_mutually_exclusive_group()
-    target.add_argument("--model", type=Path, help="policy model directory (in-process vLLM)")
-    target.add_argument("--policy-url", help="a running policy service or OpenAI-compatible server")
+    ev = sub.add_parser("eval", help="accuracy on GSM8K/MATH-format JSONL (zero-shot, as the paper reports it)")
+    ev.add_argument("--model", type=Path, help="policy model directory (in-process vLLM)")
     ev.add_argument("--input", type=Path, required=True)
     ev.add_argument("--limit", type=_positive)
     ev.add_argument("--format", choices=[f.value for f in PromptFormat], default=PromptFormat.PLAIN.value)
-    ev.add_argument("--no-few-shot", action="store_true")
+    ev.add_argument(
+        "--few-shot",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="prepend the appendix A.1 demonstrations (default: zero-shot, paper §4.2)",
+    )
     ev.add_argument("--max-tokens", type=_positive, default=512)
     ev.add_argument("--dtype", default="auto")
     ev.add_argument("--out", type=Path, help="write the per-problem report as JSON")
     ev.set_defaults(func=cmd_eval)
 
-    ood = sub.add_parser("eval-ood", help="lm-eval harness (ARC-C, BBH, MMLU-STEM) against an OpenAI endpoint")
-    ood.add_argument("--base-url", required=True, help="server root, e.g. http://127.0.0.1:8000")
-    ood.add_argument("--tokenizer", type=Path, required=True, help="local tokenizer directory")
-    ood.add_argument("--tasks", default="arc_challenge,bbh,mmlu_stem")
-    ood.add_argument("--include-path", type=Path, help="directory of local task YAMLs (no dataset hub here)")
-    ood.add_argument("--limit", type=_positive)
-    ood.add_argument("--num-fewshot", type=int)
-    ood.add_argument("--out", type=Path)
-    ood.set_defaults(func=cmd_eval_ood)
-
     rnd = sub.add_parser("round", help="one CPL round in-process: search, extract, train, evaluate (resumable)")
     rnd.add_argument("--base", type=Path, required=True, help="base policy model directory")
     rnd.add_argument("--input", type=Path, required=True, help="training problems (GSM8K or MATH JSONL)")
     rnd.add_argument("--run-dir", type=Path, required=True, help="every artefact goes here; rerun to resume")
-    rnd.add_argument("--round", type=int, default=1, choices=[1, 2])
-    rnd.add_argument("--search-policy", type=Path, help="policy for the search (round 2: the round-1 policy)")
-    rnd.add_argument("--search-value", type=Path, help="value model for the search (default: fresh head)")
+    add_round_flag(rnd, default=1)
+    rnd.add_argument(
+        "--previous", type=Path, help="run directory of the previous round (round 2 searches with its models)"
+    )
+    rnd.add_argument(
+        "--search-policy", type=Path, help="policy for the search (default: base; round 2: --previous's Step-APO)"
+    )
+    rnd.add_argument(
+        "--search-value", type=Path, help="value model for the search (default: fresh head; round 2: --previous's)"
+    )
     rnd.add_argument("--eval-input", type=Path, help="held-out problems to evaluate every policy on")
     rnd.add_argument("--limit", type=_positive)
     rnd.add_argument("--eval-limit", type=_positive)
-    rnd.add_argument("--simulations", type=_positive, help="default: the round preset (200 / 100)")
-    rnd.add_argument("--no-few-shot", action="store_true")
-    rnd.add_argument("--max-step-tokens", type=_positive, default=SearchConfig().max_step_tokens)
-    rnd.add_argument("--max-depth", type=_positive, default=SearchConfig().max_depth)
+    add_field_flags(rnd, SearchConfig, ROUND_SEARCH_FLAGS, presets=ROUND_PRESETS)
     rnd.add_argument("--concurrency", type=_positive, default=32)
     rnd.add_argument("--dtype", default="auto")
     rnd.add_argument("--marker-bias", type=float, default=0.0)
@@ -335,18 +372,39 @@ def build_parser(extensions: Sequence[Extension] = ()) -> argparse.ArgumentParse
         rnd.add_argument(f"--{prefix}-lr", type=float)
     rnd.add_argument("--micro-batch-size", type=_positive)
     rnd.add_argument("--eval-max-tokens", type=_positive, default=256)
+    rnd.add_argument(
+        "--eval-few-shot",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="prepend the demonstrations when evaluating (default: zero-shot, paper §4.2)",
+    )
     rnd.add_argument("--seed", type=int, default=0)
     rnd.set_defaults(func=cmd_round)
 
     demo = sub.add_parser("demo", help="the embedded planner searches three toy word problems")
     demo.add_argument("--out", type=Path, default=Path("runs/demo"))
     demo.add_argument("--simulations", type=_positive, default=24)
+    demo.add_argument("--seed", type=int, default=0, help="sampling seed of the search")
+    demo.add_argument(
+        "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="show vLLM's and the library's logs"
+    )
     demo.set_defaults(func=cmd_demo)
+
+    # After the library's commands, so that an extension may also add options to one of them.
+    for extend in extensions:
+        extend(sub)
     return parser
 
 
 def main(argv: list[str] | None = None, extensions: Sequence[Extension] = ()) -> int:
     args = build_parser(extensions).parse_args(argv)
+    if not args.verbose:
+        # vLLM logs every engine start at INFO (hundreds of lines); its engine children inherit the variable.
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+        logging.getLogger("vllm").setLevel(logging.ERROR)  # import-time warnings, before vLLM configures its logger
+        # Library deprecation notices (torch, vLLM) in this process and in vLLM's engine children.
+        os.environ.setdefault("PYTHONWARNINGS", "ignore")
+        warnings.simplefilter("ignore")
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         format='{"time": "%(asctime)s", "level": "%(levelname)s", "logger": "%(name)s", "message": "%(message)s"}',

@@ -28,14 +28,22 @@ class SearchConfig(BaseModel):
     """MCTS settings. Defaults are Table 6 of the paper (round 1)."""
 
     c_puct: float = Field(default=1.5, gt=0, description="PUCT exploration constant (eq. 1)")
-    simulations: int = Field(default=200, ge=1, description="200 in round 1, 100 in round 2")
+    simulations: int = Field(
+        default=200, ge=1, description="MCTS simulations per tree (200 in round 1, 100 in round 2)"
+    )
     root_children: int = Field(default=5, ge=1, le=64, description="candidates sampled at the root")
     children: int = Field(default=3, ge=1, le=64, description="candidates sampled at other nodes")
-    temperature: float = Field(default=0.7, ge=0.0, le=5.0)
+    temperature: float = Field(
+        default=0.7, ge=0.0, le=5.0, description="sampling temperature of the policy's candidate steps (0: greedy)"
+    )
     max_depth: int = Field(default=6, ge=1, description="a node at max_depth - 1 may only write the solution")
     max_step_tokens: int = Field(default=512, ge=1, description="token limit of one generated step")
-    prior: PriorMode = PriorMode.MEAN_LOGPROB
-    format: PromptFormat = PromptFormat.PLAIN
+    prior: PriorMode = Field(
+        default=PriorMode.MEAN_LOGPROB, description="how pi(a|s) of PUCT comes from a step's log-probs (PriorMode)"
+    )
+    format: PromptFormat = Field(
+        default=PromptFormat.PLAIN, description="prompt format: plain (round 1) or xml (round 2 and later)"
+    )
     few_shot: bool = Field(default=True, description="prepend the appendix A.1 demonstrations to prompts")
 
     @classmethod

@@ -1,9 +1,10 @@
-"""Zero-shot accuracy on GSM8K/MATH-format problems, graded by `cpl.grading`.
+"""Accuracy on GSM8K/MATH-format problems, graded by `cpl.grading`; zero-shot by default, as the paper reports
+in-domain accuracy (§4.2).
 
 The model writes a whole response (plan steps and the solution) greedily from the zero-step prompt; its last
-``\\boxed{}`` is compared with the gold answer. Generation is pluggable: in-process vLLM from a model directory
-(`generate_offline`) or any OpenAI-compatible ``/v1/completions`` endpoint, such as the policy service
-(`generate_http`).
+``\\boxed{}`` is compared with the gold answer. Generation is pluggable (`Generate`): in-process vLLM from a model
+directory (`offline_generator`), or, in the service layer, any OpenAI-compatible ``/v1/completions`` endpoint such
+as the policy service (`services.policy.evaluation.http_generator`; `cpl/` itself speaks no HTTP).
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ def evaluate(
     generate: Generate,
     *,
     fmt: PromptFormat = PromptFormat.PLAIN,
-    few_shot: bool = True,
+    few_shot: bool = False,
     max_tokens: int = 512,
 ) -> EvalReport:
     if not problems:
@@ -72,9 +73,9 @@ def offline_generator(
     """Greedy generation on an in-process vLLM engine, shut down on exit (vLLM starts processes with spawn)."""
     from vllm import LLM, SamplingParams
 
-    from cpl.engines.vllm_offline import build_engine_kwargs, shutdown_llm
+    from cpl.engines.vllm_offline import llm_kwargs, shutdown_llm
 
-    kwargs = build_engine_kwargs(
+    kwargs = llm_kwargs(
         max_model_len=max_model_len,
         seed=0,
         dtype=dtype,
@@ -94,32 +95,3 @@ def offline_generator(
         yield generate
     finally:
         shutdown_llm(llm)
-
-
-def http_generator(base_url: str, fmt: PromptFormat, *, timeout_s: float = 300.0, batch: int = 32) -> Generate:
-    """Greedy generation through an OpenAI-compatible ``/v1/completions`` endpoint (e.g. the policy service)."""
-    import httpx
-
-    def generate(prompts: Sequence[str], max_tokens: int) -> list[str]:
-        url = base_url.rstrip("/")
-        with httpx.Client(timeout=timeout_s) as client:
-            models = client.get(f"{url}/v1/models")
-            models.raise_for_status()
-            model = models.json()["data"][0]["id"]
-            texts: list[str] = []
-            for start in range(0, len(prompts), batch):
-                chunk = list(prompts[start : start + batch])
-                body = {
-                    "model": model,
-                    "prompt": chunk,
-                    "max_tokens": max_tokens,
-                    "temperature": 0.0,
-                    "stop": response_stop(fmt),
-                }
-                reply = client.post(f"{url}/v1/completions", json=body)
-                reply.raise_for_status()
-                choices = sorted(reply.json()["choices"], key=lambda c: c["index"])
-                texts += [c["text"] for c in choices]
-        return texts
-
-    return generate

@@ -12,7 +12,9 @@ prompt looks lives in this module.
 
 A *step* is stored as its text without the stop marker and without surrounding whitespace: a plan step reads
 ``Plan 2: ...``; a solution step reads ``Detailed Implementation:\\n1. ...\\nThe final answer is \\boxed{72}.``
-in the plain format and ``1. ...\\nThe final answer is \\boxed{72}.`` in the XML format.
+in the plain format and ``1. ...\\nThe final answer is \\boxed{72}.`` in the XML format. A plain-format
+solution step is stored exactly as generated: when the policy wrote it without the header, it has none
+(`display_text` shows it with one); a forced solution step carries the header of the forced prefix.
 """
 
 from __future__ import annotations
@@ -243,6 +245,14 @@ def stop_strings(fmt: PromptFormat) -> list[str]:
 # --- parsing ---------------------------------------------------------------------------------------------
 
 
+def display_text(step: Step, fmt: PromptFormat) -> str:
+    """A step as shown to a reader: a plain-format solution step always under its ``Detailed Implementation:``
+    header, also when the policy went straight to the implementation (the stored text is what it generated)."""
+    if fmt is PromptFormat.PLAIN and step.kind is StepKind.SOLUTION and not step.text.startswith(SOLUTION_HEADER):
+        return f"{SOLUTION_HEADER}\n{step.text}"
+    return step.text
+
+
 def parse_generated_step(generated: str, stop_reason: str | None, fmt: PromptFormat, *, forced: bool = False) -> Step:
     """Classify and normalise one generated step (the text the model wrote before its stop marker).
 
@@ -255,9 +265,10 @@ def parse_generated_step(generated: str, stop_reason: str | None, fmt: PromptFor
         if forced:
             text = f"{SOLUTION_HEADER}\n{text.strip()}"
         text = text.strip()
+        # An unforced solution that skipped the header keeps its text as generated: SFT and Step-APO train on
+        # the stored text, so adding the header here would train on tokens the policy never produced.
+        # `display_text` adds it where a step is shown.
         is_solution = forced or stop_reason == END_SOLUTION or text.startswith(SOLUTION_HEADER)
-        if is_solution and not text.startswith(SOLUTION_HEADER):
-            text = f"{SOLUTION_HEADER}\n{text}"
         return Step(StepKind.SOLUTION if is_solution else StepKind.PLAN, text)
 
     text = text.strip()

@@ -17,6 +17,7 @@ from cpl.mcts import MCTS
 from cpl.pairs import export_datasets
 from cpl.problems import Problem
 from cpl.protocols import PolicyModel, ValueModel
+from cpl.search_stats import compute_stats, write_stats
 from cpl.store import FileTreeStore, load_trees, search_into_store
 
 
@@ -30,7 +31,8 @@ async def search_problems(
     max_concurrent: int = 32,
     show_progress: bool = True,
 ) -> dict[str, int]:
-    """Search every problem (resuming the trees stored in ``OUT/trees``), then export the four datasets.
+    """Search every problem (resuming the trees stored in ``OUT/trees``), then export the four datasets and
+    ``stats.json`` (Table 1, `cpl.search_stats`).
 
     Returns dataset sizes. Trees are read and written only through the `cpl.store.TreeStore` protocol.
     """
@@ -45,7 +47,9 @@ async def search_problems(
         )
     finally:
         bar.close()
-    return export_datasets(trees, out)
+    counts = export_datasets(trees, out)
+    write_stats(out, compute_stats(trees, counts))
+    return counts
 
 
 def run_library_search(

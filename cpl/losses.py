@@ -77,19 +77,3 @@ def value_mse_loss(predicted: Tensor, target: Tensor) -> Tensor:
             f"shape mismatch: predicted {tuple(predicted.shape)} vs target {tuple(target.shape)}"
         )
     return F.mse_loss(predicted, target.to(predicted.dtype))
-
-
-def sequence_logps(logits: Tensor, labels: Tensor, loss_mask: Tensor) -> Tensor:
-    """Summed log-probs of the masked tokens of each sequence, ``[B]`` in float32.
-
-    ``logits`` is ``[B, L, V]``; ``labels`` and ``loss_mask`` are ``[B, L]`` and aligned with the input ids
-    (``loss_mask`` is 1 on the step's tokens, 0 on the prompt and padding). Position ``t`` is predicted by
-    ``logits[:, t - 1]``, so the first token is never scored. Labels under a zero mask are ignored
-    (``-100`` is fine there).
-    """
-    logits = logits[:, :-1].float()
-    mask = loss_mask[:, 1:].bool()
-    labels = labels[:, 1:].masked_fill(~mask, 0)
-    token_logits = torch.gather(logits, -1, labels.unsqueeze(-1)).squeeze(-1)
-    token_logps = token_logits - torch.logsumexp(logits, dim=-1)
-    return torch.where(mask, token_logps, 0.0).sum(dim=-1)

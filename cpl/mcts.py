@@ -1,4 +1,4 @@
-"""Monte Carlo Tree Search over plan steps (paper §3.1, DESIGN.md §2).
+"""Monte Carlo Tree Search over plan steps (paper §3.1, docs/decisions/001-mcts-reading.md).
 
 One simulation: *select* by PUCT (eq. 1) from the root while the node is expanded and not terminal; a
 *terminal* node's value is its reward; a *leaf* keeps its initial value and is *expanded* (its children get

@@ -1,71 +1,52 @@
-"""Out-of-domain evaluation with lm-evaluation-harness against an OpenAI-compatible endpoint.
+"""Out-of-domain evaluation settings: the paper's tasks and their shot counts (Table 3).
 
-In a real deployment the tasks are ARC-C, BBH and MMLU-STEM (paper §4, few-shot, lm-eval defaults). No dataset
-hub is reachable on our machines, so tests and offline runs point ``include_path`` at local task YAMLs whose
-data are JSON files (``dataset_path: json``); `cpl/eval_tasks/` ships a small example of each task type.
+The paper evaluates ARC-C 25-shot, BBH 3-shot with chain of thought (lm-eval's ``bbh`` group is the CoT
+few-shot variant) and MMLU-STEM 5-shot, in one evaluation. The harness run itself talks to an OpenAI-compatible
+endpoint, so it lives in the service layer (`services.policy.evaluation.run_lm_eval`, ``cpl eval-ood``); this module
+only says what to run. No dataset hub is reachable on our machines, so tests and offline runs point lm-eval's
+``include_path`` at local task YAMLs whose data are JSON files (``dataset_path: json``); `cpl/eval_tasks/` ships a
+small example of each task type.
 """
 
 from __future__ import annotations
 
-import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
 
 PAPER_TASKS = ("arc_challenge", "bbh", "mmlu_stem")
+PAPER_SHOTS: Mapping[str, int] = {"arc_challenge": 25, "bbh": 3, "mmlu_stem": 5}
+"""Shots per task in the paper's Table 3."""
 LOCAL_TASKS_DIR = Path(__file__).resolve().parent / "eval_tasks"
 
 
-def run_lm_eval(
-    base_url: str,
-    tokenizer_dir: str | Path,
-    tasks: Sequence[str],
-    *,
-    model_name: str | None = None,
-    include_path: str | Path | None = None,
-    limit: int | None = None,
-    num_fewshot: int | None = None,
-    num_concurrent: int = 8,
-) -> dict[str, dict[str, Any]]:
-    """Run lm-eval's ``local-completions`` model on ``tasks``; returns ``{task: {metric: value}}``.
-
-    ``base_url`` is the server root (``http://host:port``); the harness calls ``/v1/completions``, sending
-    ``echo`` + ``logprobs`` for multiple-choice tasks, so a pass-through must forward them.
-    """
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from lm_eval import simple_evaluate
-    from lm_eval.tasks import TaskManager
-
-    url = base_url.rstrip("/")
-    name = model_name or _served_model(url)
-    model_args = {
-        "model": name,
-        "base_url": f"{url}/v1/completions",
-        "tokenizer": str(tokenizer_dir),
-        "tokenizer_backend": "huggingface",
-        "tokenized_requests": False,
-        "num_concurrent": num_concurrent,
-        "max_retries": 3,
-    }
-    manager = TaskManager(include_path=str(include_path) if include_path else None)
-    results = simple_evaluate(
-        model="local-completions",
-        model_args=model_args,
-        tasks=list(tasks),
-        task_manager=manager,
-        limit=limit,
-        num_fewshot=num_fewshot,
-        log_samples=False,
-    )
-    if results is None:
-        raise RuntimeError("lm-eval returned no results")
-    return {task: dict(metrics) for task, metrics in results["results"].items()}
+def parse_shots(text: str) -> dict[str, int]:
+    """``"arc_challenge=25,bbh=3"`` -> ``{"arc_challenge": 25, "bbh": 3}``; raises ValueError on bad input."""
+    shots: dict[str, int] = {}
+    for item in (part.strip() for part in text.split(",")):
+        if not item:
+            continue
+        task, sep, count = item.partition("=")
+        if not sep or not task.strip():
+            raise ValueError(f"{item!r}: expected TASK=N")
+        try:
+            number = int(count)
+        except ValueError:
+            raise ValueError(f"{item!r}: the shot count must be an integer") from None
+        if number < 0:
+            raise ValueError(f"{item!r}: the shot count must be 0 or more")
+        shots[task.strip()] = number
+    return shots
 
 
-def _served_model(url: str) -> str:
-    import httpx
-
-    reply = httpx.get(f"{url}/v1/models", timeout=30)
-    reply.raise_for_status()
-    return reply.json()["data"][0]["id"]
+def shots_per_task(
+    tasks: Sequence[str], overrides: Mapping[str, int] | None = None, *, every_task: int | None = None
+) -> dict[str, int | None]:
+    """The shot count of each task: ``every_task`` if given, else ``overrides``, else the paper's (Table 3),
+    else None (the task's own default in lm-eval)."""
+    overrides = overrides or {}
+    unknown = sorted(set(overrides) - set(tasks))
+    if unknown:
+        raise ValueError(f"shot counts for tasks that are not run: {', '.join(unknown)}")
+    if every_task is not None:
+        return dict.fromkeys(tasks, every_task)
+    return {task: overrides.get(task, PAPER_SHOTS.get(task)) for task in tasks}

@@ -1,4 +1,4 @@
-"""Training data from finished trees (paper §4.1, DESIGN.md §2).
+"""Training data from finished trees (paper §4.1, docs/architecture.md, docs/decisions/003-search-values.md).
 
 * Plan-step pairs: under one parent, every (V > 0, V < 0) combination of sibling plan steps.
 * Solution-step pairs: among sibling solution steps, only (max V, if > 0) vs (min V, if < 0).
@@ -14,7 +14,6 @@ training on it would train the models on their own noise.
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import random
 from collections.abc import Iterable, Iterator
@@ -180,8 +179,3 @@ def export_datasets(
                 yield from DATASETS[name](tree, min_visited_children=min_visited_children)
 
     return {name: write_jsonl(out_dir / f"{name}.jsonl", rows(name)) for name in DATASETS}
-
-
-def tree_digest(tree: Tree) -> str:
-    """A short content hash, handy to check that exports and trees agree."""
-    return hashlib.sha256(tree.model_dump_json(exclude={"created_at"}).encode()).hexdigest()[:16]

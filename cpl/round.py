@@ -10,7 +10,9 @@ Every artefact lives under one run directory::
 A stage whose record exists is skipped, so an interrupted round resumes where it stopped (the search stage
 also resumes its own unfinished trees). Round 1 searches with the plain prompt and 200 simulations; round 2 with
 the XML prompt and 100, and its policy is trained from the *base* model on round-2 data (paper §4.1) while the
-search itself uses the round-1 policy and value models.
+search itself uses the round-1 fine-tuned policy (Step-APO) and value models, taken from the previous round's
+run directory (``previous``) unless given explicitly; the round-2 value model continues from the round-1 one
+(docs/decisions/004-round-2-value-init.md). ``RUN/stages/search.json`` records which models searched.
 """
 
 from __future__ import annotations
@@ -23,31 +25,85 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 
 from cpl.config import SearchConfig
 from cpl.problems import Problem
+from cpl.training.config import PreferenceConfig, SFTConfig, ValueConfig
 
 log = logging.getLogger(__name__)
 
 STAGES = ("search", "sft", "step_apo", "step_dpo", "value", "eval")
 
 
+class RoundSettingsError(ValueError):
+    """The round cannot run with these settings (e.g. round 2 without the round-1 models)."""
+
+
 class RoundSettings(BaseModel):
     round: int = Field(default=1, ge=1)
     base: Path = Field(description="base policy LM; round >= 2 trains from it again")
-    search_policy: Path | None = Field(default=None, description="policy used by the search (default: base)")
-    search_value: Path | None = Field(default=None, description="value used by the search (default: fresh head)")
+    previous: Path | None = Field(
+        default=None, description="run directory of the previous round: round >= 2 searches with its models"
+    )
+    search_policy: Path | None = Field(
+        default=None, description="policy used by the search (default: base in round 1, else previous round's)"
+    )
+    search_value: Path | None = Field(
+        default=None, description="value used by the search (default: fresh head in round 1, else previous round's)"
+    )
     search: SearchConfig
     concurrency: int = 32
     dtype: str = "auto"
     marker_bias: float = 0.0
     baselines: bool = Field(default=True, description="also train the Step-DPO baseline")
-    sft: dict[str, Any] = Field(default_factory=dict, description="SFTConfig overrides")
-    preference: dict[str, Any] = Field(default_factory=dict, description="PreferenceConfig overrides")
-    value: dict[str, Any] = Field(default_factory=dict, description="ValueConfig overrides")
+    sft: SFTConfig = Field(description="policy SFT (default: the round's Table 6 preset)")
+    preference: PreferenceConfig = Field(
+        default_factory=PreferenceConfig, description="Step-APO and Step-DPO (the stage sets the loss)"
+    )
+    value: ValueConfig = Field(default_factory=ValueConfig, description="value model training")
     eval_max_tokens: int = 256
+    eval_few_shot: bool = Field(
+        default=False, description="prepend the demonstrations at evaluation (default zero-shot, paper §4.2)"
+    )
     seed: int = 0
+
+    @model_validator(mode="before")
+    @classmethod
+    def _round_preset_sft(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("sft") is None:
+            data = {**data, "sft": SFTConfig.round_preset(int(data.get("round", 1)))}
+        return data
+
+
+class SearchModels(BaseModel):
+    """Which models a round's search used, and where they came from (recorded in ``stages/search.json``)."""
+
+    policy: Path
+    value: Path
+    policy_from: str = Field(description="base | explicit | previous:<stage>")
+    value_from: str = Field(description="fresh head | explicit | previous:value")
+
+
+def previous_models(previous: Path) -> tuple[tuple[Path, str], tuple[Path, str]]:
+    """The final policy (Step-APO, else SFT) and the value model of a finished round in ``previous``."""
+
+    def done(stage: str) -> Path | None:
+        path = previous / "stages" / f"{stage}.json"
+        if not path.is_file():
+            return None
+        record = StageRecord.model_validate_json(path.read_text())
+        return Path(record.outputs["model"]) if record.status == "done" and "model" in record.outputs else None
+
+    if not (previous / "stages").is_dir():
+        raise RoundSettingsError(f"--previous {previous}: not a round run directory (no stages/)")
+    policy = next(((m, f"previous:{s}") for s in ("step_apo", "sft") if (m := done(s)) is not None), None)
+    if policy is None:
+        raise RoundSettingsError(f"--previous {previous}: the round trained no policy (step_apo and sft not done)")
+    value = done("value")
+    if value is None:
+        raise RoundSettingsError(f"--previous {previous}: the round trained no value model (value stage not done)")
+    return policy, (value, "previous:value")
 
 
 class StageRecord(BaseModel):
@@ -64,6 +120,35 @@ class Round:
         self.settings = settings
         self.problems = problems
         self.eval_problems = eval_problems
+        self.check_search_models()
+
+    def check_search_models(self) -> None:
+        """Round >= 2 needs the previous round's models (or both given explicitly): refuse early otherwise."""
+        s = self.settings
+        if s.round >= 2 and (s.search_policy is None or s.search_value is None):
+            if s.previous is None:
+                raise RoundSettingsError(
+                    f"round {s.round} searches with the previous round's fine-tuned policy and value model: give "
+                    "--previous RUN_DIR (the round-1 run directory) or both --search-policy and --search-value"
+                )
+            previous_models(s.previous)
+
+    def search_models(self) -> SearchModels:
+        s = self.settings
+        from_previous = previous_models(s.previous) if s.round >= 2 and s.previous is not None else None
+        if s.search_policy is not None:
+            policy, policy_from = s.search_policy, "explicit"
+        elif from_previous is not None:
+            policy, policy_from = from_previous[0]
+        else:
+            policy, policy_from = s.base, "base"
+        if s.search_value is not None:
+            value, value_from = s.search_value, "explicit"
+        elif from_previous is not None:
+            value, value_from = from_previous[1]
+        else:
+            value, value_from = self.fresh_value_head(), "fresh head"
+        return SearchModels(policy=policy, value=value, policy_from=policy_from, value_from=value_from)
 
     # --- bookkeeping ---------------------------------------------------------------------------------------
 
@@ -110,9 +195,7 @@ class Round:
     def data(self) -> Path:
         return self.run / "search"
 
-    def search_value_dir(self) -> Path:
-        if self.settings.search_value is not None:
-            return self.settings.search_value
+    def fresh_value_head(self) -> Path:
         from cpl.models.value_head import make_value_model
 
         fresh = self.run / "value_init"
@@ -123,10 +206,11 @@ class Round:
     def stage_search(self) -> StageRecord:
         from cpl.library_search import run_library_search
 
+        models = self.search_models()
         counts = run_library_search(
             self.problems,
-            self.settings.search_policy or self.settings.base,
-            self.search_value_dir(),
+            models.policy,
+            models.value,
             self.settings.search,
             self.data,
             max_concurrent=self.settings.concurrency,
@@ -134,32 +218,34 @@ class Round:
             dtype=self.settings.dtype,
             marker_bias=self.settings.marker_bias,
         )
-        return StageRecord(stage="search", status="done", outputs={"counts": counts, "dir": str(self.data)})
+        from cpl.search_stats import STATS_FILE
+
+        stats = json.loads((self.data / STATS_FILE).read_text())
+        outputs = {"counts": counts, "dir": str(self.data), "models": models.model_dump(mode="json"), "stats": stats}
+        return StageRecord(stage="search", status="done", outputs=outputs)
 
     def _rows(self, *names: str) -> list[Path]:
         return [p for n in names if (p := self.data / f"{n}.jsonl").is_file() and p.stat().st_size > 0]
 
     def stage_sft(self) -> StageRecord:
-        from cpl.training.config import SFTConfig
         from cpl.training.jobs import train_sft
 
         files = self._rows("sft")
         if not files:
             return StageRecord(stage="sft", status="skipped", reason="no correct paths in the trees")
-        config = SFTConfig.round_preset(self.settings.round, **self.settings.sft)
+        config = self.settings.sft
         out = self.run / "policy_sft"
         result = train_sft(self.settings.base, files, out, config, overwrite=True)
         return StageRecord(stage="sft", status="done", outputs={"model": str(out), "metrics": result.metrics})
 
     def _preference(self, stage: str, loss: str) -> StageRecord:
-        from cpl.training.config import PreferenceConfig
         from cpl.training.jobs import train_preference
 
         files = self._rows("plan_pairs", "solution_pairs")
         if not files:
             return StageRecord(stage=stage, status="skipped", reason="no preference pairs in the trees")
         start = self.checkpoint("sft", self.settings.base)  # the SFT model is both start and reference
-        config = PreferenceConfig.model_validate({**self.settings.preference, "loss": loss})
+        config = self.settings.preference.model_copy(update={"loss": loss})
         out = self.run / f"policy_{stage}"
         result = train_preference(start, files, out, config, overwrite=True)
         return StageRecord(stage=stage, status="done", outputs={"model": str(out), "metrics": result.metrics})
@@ -171,15 +257,16 @@ class Round:
         return self._preference("step_dpo", "step-dpo")
 
     def stage_value(self) -> StageRecord:
-        from cpl.training.config import ValueConfig
         from cpl.training.jobs import train_value
 
         files = self._rows("value")
         if not files:
-            return StageRecord(stage="value", status="skipped", reason="no visited states")
-        config = ValueConfig.model_validate(self.settings.value)
+            return StageRecord(stage="value", status="skipped", reason="no states with search values")
+        # The value model that searched this round is trained further: a fresh head in round 1, the previous
+        # round's value model later (docs/decisions/004-round-2-value-init.md).
+        start = self.search_models().value
         out = self.run / "value"
-        result = train_value(self.search_value_dir(), files, out, config, overwrite=True)
+        result = train_value(start, files, out, self.settings.value, overwrite=True)
         return StageRecord(stage="value", status="done", outputs={"model": str(out), "metrics": result.metrics})
 
     def stage_eval(self) -> StageRecord:
@@ -201,13 +288,30 @@ class Round:
                     self.eval_problems,
                     generate,
                     fmt=fmt,
-                    few_shot=self.settings.search.few_shot,
+                    few_shot=self.settings.eval_few_shot,
                     max_tokens=self.settings.eval_max_tokens,
                 )
             accuracy[name] = report.accuracy
             reports[name] = report.model_dump(mode="json")
         (self.run / "eval.json").write_text(json.dumps(reports, indent=2))
         return StageRecord(stage="eval", status="done", outputs={"accuracy": accuracy, "report": "eval.json"})
+
+
+def summarise_round(cpl_round: Round) -> str:
+    """The search's summary (best plans, Table 1, files) and which models searched; empty before the search."""
+    from cpl.search_stats import STATS_FILE, summary_of_run
+
+    record = cpl_round.record("search")
+    if record is None or not (cpl_round.data / STATS_FILE).is_file():
+        return ""
+    lines = [summary_of_run(cpl_round.data, [p.id for p in cpl_round.problems])]
+    models = record.outputs.get("models")
+    if models:
+        lines.append(
+            f"searched with policy {models['policy']} ({models['policy_from']}), "
+            f"value {models['value']} ({models['value_from']})"
+        )
+    return "\n".join(lines)
 
 
 def print_stage(stage: str, status: str) -> None:

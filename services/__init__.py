@@ -1,4 +1,4 @@
-"""Network services around the `cpl` library: thin adapters, no algorithm (DESIGN §3, §4).
+"""Network services around the `cpl` library: thin adapters, no algorithm (docs/architecture.md).
 
 ``services.policy`` and ``services.value`` are FastAPI gateways in front of a vLLM OpenAI-compatible server
 that each runs as a child process on localhost (``services.gateway`` holds what they share);

@@ -9,13 +9,16 @@ from pathlib import Path
 
 import pytest
 
+from cpl.cli import demo_problems
 from cpl.formats import StepKind, render_prompt
 from cpl.pairs import has_search_value
 from cpl.problems import load_problems
+from cpl.toy import world
 from cpl.tree import Tree
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "examples" / "gsm8k_sample.jsonl"
+SIMULATIONS = 24
 
 
 def cpl(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
@@ -29,27 +32,37 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def search_run(tiny_models, tmp_path_factory) -> Path:
-    policy, value = tiny_models
+def toy_sample(tmp_path_factory) -> Path:
+    """Held-out toy problems the embedded planner solves only sometimes under sampling (as the demo's)."""
+    return world.write_gsm8k_jsonl(demo_problems(), tmp_path_factory.mktemp("toy") / "toy.jsonl")
+
+
+def search_args(sample: Path, out: Path) -> list[str]:
+    """The embedded planner (the default model), which finds correct answers, so every dataset has rows."""
+    args = ["search", "--input", str(sample), "--out", str(out), "--simulations", str(SIMULATIONS)]
+    return [*args, "--no-few-shot", "--max-step-tokens", "96", "--dtype", "float32", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def search_run(toy_sample, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("search")
-    args = ["search", "--policy", str(policy), "--value", str(value), "--input", str(SAMPLE), "--out", str(out)]
-    args += ["--simulations", "12", "--no-few-shot", "--max-step-tokens", "24", "--marker-bias", "4", "--quiet"]
-    result = cpl(*args, "--dtype", "float32")
+    result = cpl(*search_args(toy_sample, out))
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "Table 1" in result.stdout and str(out / "stats.json") in result.stdout
     return out
 
 
 @pytest.mark.vllm
-def test_search_writes_trees_and_datasets_that_agree(search_run: Path):
+def test_search_writes_trees_and_datasets_that_agree(search_run: Path, toy_sample: Path):
     out = search_run
-    problems = load_problems(SAMPLE)
+    problems = load_problems(toy_sample)
     trees = {p.id: Tree.model_validate_json((out / "trees" / f"{p.id}.json").read_text()) for p in problems}
     assert len(trees) == 3
     for problem in problems:
         tree = trees[problem.id]
         assert tree.gold == problem.gold and tree.question == problem.question
-        assert tree.simulations_done == tree.root.N == 12
-        assert len(tree.nodes) > 1  # the marker bias makes steps end, so the root has children
+        assert tree.simulations_done == tree.root.N == SIMULATIONS
+        assert len(tree.nodes) > 1
 
     values = read_jsonl(out / "value.jsonl")
     valued = {(t.id, n.id) for t in trees.values() for n in t.nodes if has_search_value(t, n)}
@@ -74,15 +87,17 @@ def test_search_writes_trees_and_datasets_that_agree(search_run: Path):
     correct = {(t.id, n.id) for t in trees.values() for n in t.nodes if n.kind is StepKind.SOLUTION and n.correct}
     sft = read_jsonl(out / "sft.jsonl")
     assert {(r["tree_id"], r["node_id"]) for r in sft} <= correct
+    # The planner finds right and wrong answers, so none of the files may be empty (checks on nothing pass).
+    assert sft and values and read_jsonl(out / "plan_pairs.jsonl") and read_jsonl(out / "solution_pairs.jsonl")
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["sft"] == len(sft) and stats["value"] == len(values) and stats["trees"] == 3
+    assert stats["plan_pairs"] == len(read_jsonl(out / "plan_pairs.jsonl"))
 
 
 @pytest.mark.vllm
-def test_search_resumes_finished_trees_without_new_work(search_run: Path, tiny_models):
+def test_search_resumes_finished_trees_without_new_work(search_run: Path, toy_sample: Path):
     before = {p.name: p.read_text() for p in (search_run / "trees").iterdir()}
-    policy, value = tiny_models
-    args = ["search", "--policy", str(policy), "--value", str(value), "--input", str(SAMPLE), "--out", str(search_run)]
-    args += ["--simulations", "12", "--no-few-shot", "--max-step-tokens", "24", "--marker-bias", "4", "--quiet"]
-    result = cpl(*args, "--dtype", "float32")
+    result = cpl(*search_args(toy_sample, search_run))
     assert result.returncode == 0, result.stderr[-3000:]
     assert {p.name: p.read_text() for p in (search_run / "trees").iterdir()} == before
 
@@ -118,9 +133,13 @@ def test_malformed_problem_file(tmp_path):
 
 @pytest.mark.vllm
 def test_demo_searches_real_plans_with_the_embedded_planner(tmp_path):
-    """README's main job: the shipped planner builds trees of real plans, and some reach the right answer."""
-    result = cpl("demo", "--out", str(tmp_path), "--simulations", "12")
+    """README's main job: the shipped planner builds trees of real plans, some reach the right answer, the search
+    yields plan pairs, and the output is a short summary, not vLLM's logs."""
+    result = cpl("demo", "--out", str(tmp_path))
     assert result.returncode == 0, result.stderr[-3000:]
+    output = result.stdout + result.stderr
+    assert len(output.splitlines()) < 60, output
+    assert "INFO" not in output
     trees = [Tree.model_validate_json(p.read_text()) for p in (tmp_path / "trees").glob("*.json")]
     assert len(trees) == 3
     plans = [n for t in trees for n in t.nodes if n.kind is StepKind.PLAN]
@@ -128,3 +147,23 @@ def test_demo_searches_real_plans_with_the_embedded_planner(tmp_path):
     solutions = [n for t in trees for n in t.nodes if n.kind is StepKind.SOLUTION]
     assert solutions and all(n.answer is not None for n in solutions)  # the planner writes boxed answers
     assert any(n.correct for n in solutions)
+    stats = json.loads((tmp_path / "stats.json").read_text())
+    assert stats["plan_pairs"] > 0 and stats["solution_pairs"] > 0
+    assert f"plan pairs / solution pairs     {stats['plan_pairs']} / {stats['solution_pairs']}" in result.stdout
+    assert all(f"{t.id}: " in result.stdout for t in trees)  # each tree's best plan
+
+
+@pytest.mark.vllm
+def test_round_2_with_200_simulations_runs_200(tmp_path, tiny_models):
+    """A flag equal to its default still overrides the round preset (round 2 alone would run 100)."""
+    policy, value = tiny_models
+    args = ["search", "--policy", str(policy), "--value", str(value), "--question", "What is 2 + 3?", "--answer", "5"]
+    # Depth 1: the root's children are solutions (terminal), so 200 simulations cost one expansion.
+    args += ["--round", "2", "--simulations", "200", "--out", str(tmp_path), "--max-step-tokens", "8"]
+    flags = ["--max-depth", "1", "--marker-bias", "4", "--no-few-shot", "--quiet", "--dtype", "float32"]
+    result = cpl(*args, *flags, timeout=1500)  # engine start-up dominates; slow on a loaded 2-core machine
+    assert result.returncode == 0, result.stderr[-3000:]
+    (path,) = (tmp_path / "trees").glob("*.json")
+    tree = Tree.model_validate_json(path.read_text())
+    assert tree.config.format == "xml" and tree.config.simulations == 200
+    assert tree.simulations_done == tree.root.N == 200

@@ -13,8 +13,12 @@ from pathlib import Path
 import httpx
 import pytest
 
+from cpl.cli import build_parser
+from cpl.evaluation import evaluate
 from cpl.grading import is_equivalent
-from cpl.ood_eval import LOCAL_TASKS_DIR
+from cpl.ood_eval import LOCAL_TASKS_DIR, PAPER_SHOTS, PAPER_TASKS, parse_shots, shots_per_task
+from cpl.problems import Problem
+from services.cli import main as services_main
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "examples" / "gsm8k_sample.jsonl"
@@ -56,6 +60,12 @@ def openai_server(tiny_models, tmp_path_factory):
 
 
 def cpl(*args: str) -> subprocess.CompletedProcess[str]:
+    """The ``cpl`` console script (library commands plus the service layer's HTTP evaluations)."""
+    return subprocess.run([sys.executable, "-m", "services.cli", *args], capture_output=True, text=True, timeout=900)
+
+
+def cpl_library(*args: str) -> subprocess.CompletedProcess[str]:
+    """``python -m cpl.cli``: the library's commands only."""
     return subprocess.run([sys.executable, "-m", "cpl.cli", *args], capture_output=True, text=True, timeout=900)
 
 
@@ -102,9 +112,11 @@ def test_lm_eval_entry_point_runs_local_tasks(openai_server, tiny_models, tmp_pa
     out = tmp_path / "ood.json"
     args = ["eval-ood", "--base-url", openai_server, "--tokenizer", str(tiny_models[0])]
     args += ["--tasks", "toy_arith_gen,toy_arith_mc", "--include-path", str(tasks), "--limit", "4", "--out", str(out)]
-    result = cpl(*args)
+    result = cpl(*args, "--shots", "toy_arith_gen=2,toy_arith_mc=3")
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads(out.read_text())
+    # one invocation, each task with its own shot count
+    assert (results["toy_arith_gen"]["n-shot"], results["toy_arith_mc"]["n-shot"]) == (2, 3)
     assert 0.0 <= results["toy_arith_mc"]["acc,none"] <= 1.0
     assert 0.0 <= results["toy_arith_gen"]["exact_match,none"] <= 1.0
 
@@ -112,3 +124,46 @@ def test_lm_eval_entry_point_runs_local_tasks(openai_server, tiny_models, tmp_pa
 def test_eval_needs_exactly_one_target(tmp_path):
     result = cpl("eval", "--input", str(SAMPLE))
     assert result.returncode == 2 and "exactly one of --model" in result.stderr
+    result = cpl_library("eval", "--input", str(SAMPLE))  # the library alone has no HTTP target
+    assert result.returncode == 2 and "give --model DIR" in result.stderr
+
+
+def test_eval_is_zero_shot_unless_asked():
+    problems = [Problem(id="p", question="What is 2+3?", gold="5")]
+    seen: list[str] = []
+
+    def generate(prompts, max_tokens):
+        seen.extend(prompts)
+        return ["Plan 1: add.<endstep>\n\nDetailed Implementation:\n1. 2+3=5\nThe final answer is $\\boxed{5}$."]
+
+    assert evaluate(problems, generate).accuracy == 1.0
+    assert evaluate(problems, generate, few_shot=True).accuracy == 1.0
+    assert "Natalia" not in seen[0] and "Natalia" in seen[1]
+    args = ["eval", "--model", "m", "--input", "x.jsonl"]
+    assert build_parser().parse_args(args).few_shot is False
+    assert build_parser().parse_args([*args, "--few-shot"]).few_shot is True
+    rnd = ["round", "--base", "b", "--input", "x.jsonl", "--run-dir", "r"]
+    assert build_parser().parse_args(rnd).eval_few_shot is False
+
+
+def test_paper_shot_counts_per_task():
+    assert PAPER_SHOTS == {"arc_challenge": 25, "bbh": 3, "mmlu_stem": 5}
+    assert shots_per_task(PAPER_TASKS) == {"arc_challenge": 25, "bbh": 3, "mmlu_stem": 5}
+    assert shots_per_task([*PAPER_TASKS, "gsm8k"], parse_shots("bbh=0")) == {
+        "arc_challenge": 25,
+        "bbh": 0,
+        "mmlu_stem": 5,
+        "gsm8k": None,  # lm-eval's own default
+    }
+    assert shots_per_task(PAPER_TASKS, every_task=1) == dict.fromkeys(PAPER_TASKS, 1)
+    with pytest.raises(ValueError, match="not run"):
+        shots_per_task(["bbh"], {"arc_challenge": 25})
+    for bad in ("bbh", "bbh=x", "bbh=-1", "=3"):
+        with pytest.raises(ValueError):
+            parse_shots(bad)
+
+
+def test_eval_ood_rejects_bad_shots(capsys):
+    args = ["eval-ood", "--base-url", "http://127.0.0.1:9", "--tokenizer", "t", "--tasks", "bbh", "--shots", "bbh=x"]
+    assert services_main(args) == 2
+    assert "--shots" in capsys.readouterr().err

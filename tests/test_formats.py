@@ -1,5 +1,6 @@
 import pytest
 
+from cpl.config import SearchConfig
 from cpl.formats import (
     DEMONSTRATIONS,
     END_SOLUTION,
@@ -9,14 +10,18 @@ from cpl.formats import (
     Step,
     StepKind,
     demonstration_steps,
+    display_text,
     few_shot_header,
     parse_generated_step,
     parse_response,
     render_prompt,
     render_response,
+    render_step,
     stop_strings,
 )
 from cpl.grading import extract_answer
+from cpl.show import outline
+from cpl.tree import Tree
 
 FORMATS = list(PromptFormat)
 
@@ -81,6 +86,27 @@ def test_without_few_shot_only_the_question(fmt):
 )
 def test_classify_generated_steps(fmt, generated, stop, kind, text):
     assert parse_generated_step(generated, stop, fmt) == Step(kind, text)
+
+
+def test_unforced_solution_without_header_is_stored_as_generated():
+    generated = "\n1. 48/2=24\nThe final answer is $\\boxed{24}$."
+    step = parse_generated_step(generated, END_SOLUTION, PromptFormat.PLAIN)
+    assert step == Step(StepKind.SOLUTION, "1. 48/2=24\nThe final answer is $\\boxed{24}$.")
+    # what training sees for this step is exactly what the policy generated, up to its stop marker
+    assert render_step(step, PromptFormat.PLAIN) == generated + END_SOLUTION
+    # the header is added only where the step is shown
+    assert display_text(step, PromptFormat.PLAIN) == "Detailed Implementation:\n" + step.text
+    with_header = Step(StepKind.SOLUTION, "Detailed Implementation:\n1. x")
+    assert display_text(with_header, PromptFormat.PLAIN) == with_header.text
+    plan = Step(StepKind.PLAN, "Plan 1: x")
+    assert display_text(plan, PromptFormat.PLAIN) == plan.text
+
+
+def test_outline_shows_the_header_the_tree_does_not_store():
+    tree = Tree.new("t", "Q?", "24", SearchConfig())
+    tree.root.expanded, tree.root.N = True, 1
+    tree.add_child(tree.root, kind=StepKind.SOLUTION, text="1. 48/2=24", N=1, V=1.0, reward=1.0, correct=True)
+    assert outline(tree).splitlines()[-1].endswith("] Detailed Implementation: / 1. 48/2=24")
 
 
 @pytest.mark.parametrize("fmt", FORMATS)

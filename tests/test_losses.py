@@ -1,8 +1,7 @@
-"""Tests for cpl.losses: Step-APO (eq. 12/13), DPO (eq. 7) against TRL, value MSE, step log-probs."""
+"""Tests for cpl.losses: Step-APO (eq. 12/13), DPO (eq. 7) against TRL, value MSE, solution-value scaling."""
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 from types import SimpleNamespace
 
@@ -12,7 +11,6 @@ import torch
 from cpl.losses import (
     dpo_loss,
     scale_solution_values,
-    sequence_logps,
     step_apo_loss,
     value_mse_loss,
 )
@@ -238,53 +236,6 @@ def test_scale_solution_values() -> None:
     torch.testing.assert_close(
         scale_solution_values(values, is_solution, factor=0.5), torch.tensor([0.5, -0.5, 0.7, -0.1])
     )
-
-
-# ----------------------------------------------------------------------------------------------------
-# sequence_logps
-# ----------------------------------------------------------------------------------------------------
-
-
-def test_sequence_logps_hand_computed() -> None:
-    # Vocab of 3. Next-token distributions at positions 0..3 (position t predicts token t+1):
-    probs = torch.tensor(
-        [
-            [0.5, 0.25, 0.25],  # pos 0 -> token 1
-            [0.1, 0.2, 0.7],  # pos 1 -> token 2
-            [0.6, 0.3, 0.1],  # pos 2 -> token 3
-            [0.2, 0.2, 0.6],  # pos 3 -> (nothing: last position)
-        ],
-        dtype=torch.float64,
-    )
-    # unnormalised logits: a different constant per position, so skipping the softmax is caught
-    logits_row = probs.log() + torch.tensor([[3.0], [-1.0], [7.0], [0.5]], dtype=torch.float64)
-    logits = torch.stack([logits_row, logits_row]).float()  # [2, 4, 3]
-
-    # Row 0: prompt = tokens 0,1; step = tokens 2,3.
-    #   token 2 = 2 under pos 1 -> log 0.7; token 3 = 0 under pos 2 -> log 0.6
-    #   sum = log 0.42 = -0.8675005677
-    # Row 1: prompt = token 0; step = tokens 1,2; token 3 is padding; masked labels are -100.
-    #   token 1 = 2 under pos 0 -> log 0.25; token 2 = 1 under pos 1 -> log 0.2
-    #   sum = log 0.05 = -2.9957322736
-    labels = torch.tensor([[1, 0, 2, 0], [-100, 2, 1, -100]])
-    loss_mask = torch.tensor([[0, 0, 1, 1], [0, 1, 1, 0]])
-    out = sequence_logps(logits, labels, loss_mask)
-    assert out.shape == (2,)
-    assert out.dtype == torch.float32
-    assert out[0].item() == pytest.approx(-0.8675005677, abs=1e-5)
-    assert out[1].item() == pytest.approx(-2.9957322736, abs=1e-5)
-    assert out[0].item() == pytest.approx(math.log(0.7) + math.log(0.6), abs=1e-5)
-
-
-def test_sequence_logps_gradient_only_through_step_tokens() -> None:
-    logits = torch.randn(1, 5, 4, requires_grad=True)
-    labels = torch.tensor([[0, 1, 2, 3, 0]])
-    loss_mask = torch.tensor([[0, 0, 1, 1, 0]])
-    sequence_logps(logits, labels, loss_mask).sum().backward()
-    touched = logits.grad.abs().sum(dim=-1)[0]
-    # positions 1 and 2 predict the step tokens 2 and 3; nothing else gets gradient
-    assert touched[1] > 0 and touched[2] > 0
-    assert touched[0] == 0 and touched[3] == 0 and touched[4] == 0
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ import pytest
 
 from cpl.config import PriorMode, SearchConfig
 from cpl.formats import StepKind
-from cpl.mcts import MCTS, SearchCancelled, backup, priors, puct_score
+from cpl.mcts import DEAD_END_VALUE, MCTS, SearchCancelled, backup, priors, puct_score
 from cpl.protocols import Candidate
 from cpl.tree import Node, Tree
 from tests.scripted import GOLD, GOOD_FIRST_PLAN, DeadEndPolicy, ScriptedPolicy, ScriptedValue
@@ -23,7 +23,7 @@ def search(simulations: int = 120, **config) -> tuple[Tree, ScriptedPolicy]:
     return tree, policy
 
 
-def assert_invariants(tree: Tree) -> None:
+def assert_invariants(tree: Tree, leaf_value: float = 0.0) -> None:
     assert tree.simulations_done == tree.root.N
     for node in tree.nodes:
         children = tree.children(node)
@@ -39,7 +39,17 @@ def assert_invariants(tree: Tree) -> None:
             expected = sum(c.N * c.Q for c in visited) / sum(c.N for c in visited)
             assert math.isclose(node.V, expected, abs_tol=1e-12)  # eq. 3
         for child in children:
-            assert child.Q == child.V  # eq. 2 with r folded into terminal values
+            # eq. 2, Q(s,a) = r + V(s'), computed here from what the child's value is made of, not from child.V
+            grandchildren = [g for g in tree.children(child) if g.N > 0]
+            if child.reward is not None:
+                expected_q = child.reward
+            elif child.dead_end:
+                expected_q = DEAD_END_VALUE
+            elif grandchildren:
+                expected_q = sum(g.N * g.Q for g in grandchildren) / sum(g.N for g in grandchildren)
+            else:
+                expected_q = leaf_value  # never expanded below: the value model's initial value
+            assert math.isclose(child.Q, expected_q, abs_tol=1e-12)
         assert node.depth <= tree.config.max_depth
         if node.depth == tree.config.max_depth:
             assert node.kind is StepKind.SOLUTION

@@ -87,7 +87,8 @@ async def run_gateway(url: str, work: list[list[ExpandRequest]], concurrency: in
 
 
 async def run_direct(url: str, work: list[list[ExpandRequest]], concurrency: int, model: str) -> tuple[float, int]:
-    bodies = [[json.dumps(completion_payload(r, model)) for r in batch] for batch in work]
+    max_model_len = 4096  # the server runs with the gateway's default --max-model-len
+    bodies = [[json.dumps(completion_payload(r, model, max_model_len)) for r in batch] for batch in work]
     limit = concurrency * max(len(b) for b in work)
     async with aiohttp.ClientSession(url, connector=aiohttp.TCPConnector(limit=limit)) as session:
         semaphore = asyncio.Semaphore(concurrency)
@@ -120,6 +121,8 @@ def start_gateway(model: Path, port: int, vllm_port: int, log: Path, extra_env: 
             "CPL_POLICY_MODEL": str(model),
             "CPL_POLICY_HOST": "127.0.0.1",
             "CPL_POLICY_PORT": str(port),
+            # The benchmark also calls vLLM directly (the baseline), so vLLM listens on a TCP port, not a socket.
+            "CPL_POLICY_VLLM_UDS": "false",
             "CPL_POLICY_VLLM_PORT": str(vllm_port),
             "CPL_POLICY_LOG_LEVEL": "WARNING",
             **extra_env,

@@ -145,7 +145,7 @@ def setup_cpl(model_dir: Path, data: Path, args: argparse.Namespace):
     from cpl.training.data import StepPairRow, read_rows, tokenize_pairs
     from cpl.training.jobs import PreferenceJob, _pair_forward, load_policy, load_tokenizer
     from cpl.training.loop import fit
-    from cpl.training.runtime import Forward, TrainEngine, resolve_runtime
+    from cpl.training.runtime import Forward, TrainableModel, resolve_runtime
 
     config = PreferenceConfig(
         loss="step-apo",
@@ -165,7 +165,7 @@ def setup_cpl(model_dir: Path, data: Path, args: argparse.Namespace):
     runtime = resolve_runtime(config)
     torch.manual_seed(0)
     model = load_policy(model_dir, runtime, gradient_checkpointing=config.gradient_checkpointing)
-    engine = TrainEngine(Forward(model, _pair_forward), config, runtime, config.total_steps(len(pairs)))
+    engine = TrainableModel(Forward(model, _pair_forward), config, runtime, config.total_steps(len(pairs)))
     job = PreferenceJob(pairs, config, tokenizer.pad_token_id, runtime.torch_device)
     job.compute_reference(engine, config.reference_batch_size)
 

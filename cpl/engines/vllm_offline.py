@@ -34,7 +34,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
-from cpl.formats import PromptFormat, parse_generated_step, stop_strings
+from cpl.completions import (
+    PromptTooLongError,
+    SamplingPlan,
+    candidates_from_completions,
+    completion_from_vllm_output,
+    sampling_plan,
+)
 from cpl.protocols import Candidate, ExpandRequest, ExpandResult, State, ValueResult
 from cpl.values import value_from_logit
 
@@ -44,10 +50,6 @@ Out = TypeVar("Out")
 DEFAULT_KV_CACHE_BYTES = 1 << 30
 """KV cache reserved per engine when neither ``kv_cache_memory_bytes`` nor ``VLLM_CPU_KVCACHE_SPACE`` is set
 (CPU only; on GPU ``gpu_memory_utilization`` applies)."""
-
-
-class PromptTooLongError(ValueError):
-    """A prompt does not leave room for a single generated token within ``max_model_len``."""
 
 
 # --- micro-batching ---------------------------------------------------------------------------------------
@@ -140,7 +142,7 @@ def _is_cpu_platform() -> bool:
     return current_platform.is_cpu()
 
 
-def build_engine_kwargs(
+def llm_kwargs(
     *,
     max_model_len: int | None,
     seed: int,
@@ -175,7 +177,7 @@ def shutdown_llm(llm: Any) -> None:
         core.shutdown()
 
 
-class _Engine:
+class _InProcessLLM:
     """What the policy and the value model share: the LLM object, its tokenizer, batching and shutdown."""
 
     _llm: Any
@@ -226,16 +228,13 @@ class _Engine:
 # --- policy ---------------------------------------------------------------------------------------------
 
 
-def _summed_logprob(completion: Any) -> float:
-    if completion.cumulative_logprob is not None:
-        return float(completion.cumulative_logprob)
-    if completion.logprobs is None:
-        raise RuntimeError("vLLM returned neither cumulative_logprob nor logprobs")
-    pairs = zip(completion.logprobs, completion.token_ids, strict=True)
-    return float(sum(entry[tid].logprob for entry, tid in pairs))
+def candidates_from_output(request: ExpandRequest, output: Any) -> list[Candidate]:
+    """The candidates of one ``vllm.RequestOutput`` (the translation is :mod:`cpl.completions`, shared with the
+    policy gateway)."""
+    return candidates_from_completions(request, [completion_from_vllm_output(c) for c in output.outputs])
 
 
-class VLLMPolicy(_Engine):
+class VLLMPolicy(_InProcessLLM):
     """The policy model on an in-process ``vllm.LLM`` (generation runner).
 
     ``dtype="auto"`` follows vLLM, which downcasts float32 checkpoints to bf16/fp16; pass ``"float32"`` for
@@ -272,7 +271,7 @@ class VLLMPolicy(_Engine):
             model_version,
             runner="generate",
             enable_prefix_caching=enable_prefix_caching,
-            **build_engine_kwargs(
+            **llm_kwargs(
                 max_model_len=max_model_len,
                 seed=seed,
                 dtype=dtype,
@@ -299,71 +298,41 @@ class VLLMPolicy(_Engine):
                 raise result
         return results  # type: ignore[return-value]
 
-    def _sampling_params(self, request: ExpandRequest, prompt_len: int):
+    def _sampling_params(self, plan: SamplingPlan):
         from vllm import SamplingParams
 
-        fmt = PromptFormat(request.state.format)
         params: dict[str, Any] = dict(
-            n=request.n,
-            temperature=request.temperature,
-            max_tokens=min(request.max_tokens, self.max_model_len - prompt_len),
-            stop=stop_strings(fmt),
-            logprobs=0,
+            n=plan.n, temperature=plan.temperature, max_tokens=plan.max_tokens, stop=plan.stop, logprobs=0
         )
         params.update(self.extra_sampling)
         return SamplingParams(**params)
 
     def _generate_batch(self, requests: list[ExpandRequest]) -> list[ExpandResult | Exception]:
         self._check_open()
-        prompts = [r.prompt() for r in requests]
-        token_ids = self._tokenize(prompts)
+        token_ids = self._tokenize([r.prompt() for r in requests])
         results: list[ExpandResult | Exception | None] = [None] * len(requests)
-        runnable: list[int] = []
-        for i, ids in enumerate(token_ids):
-            if len(ids) >= self.max_model_len:
-                results[i] = PromptTooLongError(f"prompt has {len(ids)} tokens, max_model_len is {self.max_model_len}")
-            else:
-                runnable.append(i)
-        if runnable:
+        plans: dict[int, SamplingPlan] = {}
+        for i, (request, ids) in enumerate(zip(requests, token_ids, strict=True)):
+            try:
+                plans[i] = sampling_plan(request, max_model_len=self.max_model_len, prompt_tokens=len(ids))
+            except PromptTooLongError as exc:
+                results[i] = exc
+        if plans:
             outputs = self._llm.generate(
-                [{"prompt_token_ids": token_ids[i]} for i in runnable],
-                [self._sampling_params(requests[i], len(token_ids[i])) for i in runnable],
+                [{"prompt_token_ids": token_ids[i]} for i in plans],
+                [self._sampling_params(plan) for plan in plans.values()],
                 use_tqdm=False,
             )
-            for i, output in zip(runnable, outputs, strict=True):
-                results[i] = self._to_result(requests[i], output)
+            for i, output in zip(plans, outputs, strict=True):
+                candidates = candidates_from_output(requests[i], output)
+                results[i] = ExpandResult(candidates=candidates, model_version=self.model_version)
         return results  # type: ignore[return-value]
-
-    def _stop_reason(self, raw: Any) -> str | None:
-        if raw is None or isinstance(raw, str):
-            return raw
-        return self._llm.get_tokenizer().convert_ids_to_tokens(int(raw))  # a stop token id
-
-    def _to_result(self, request: ExpandRequest, output: Any) -> ExpandResult:
-        fmt = PromptFormat(request.state.format)
-        candidates = []
-        for completion in sorted(output.outputs, key=lambda c: c.index):
-            stop_reason = self._stop_reason(completion.stop_reason)
-            step = parse_generated_step(completion.text, stop_reason, fmt, forced=request.force_solution)
-            ids = list(completion.token_ids)
-            candidates.append(
-                Candidate(
-                    kind=step.kind,
-                    text=step.text,
-                    num_tokens=len(ids),
-                    logprob=_summed_logprob(completion),
-                    finish_reason=str(completion.finish_reason),
-                    stop_reason=stop_reason,
-                    token_ids=ids,
-                )
-            )
-        return ExpandResult(candidates=candidates, model_version=self.model_version)
 
 
 # --- value ------------------------------------------------------------------------------------------------
 
 
-class VLLMValue(_Engine):
+class VLLMValue(_InProcessLLM):
     """The value model on an in-process ``vllm.LLM`` with the pooling runner: V = tanh(raw head logit).
 
     The text scored is ``state.value_prompt()``. Engine options as for :class:`VLLMPolicy`.
@@ -392,7 +361,7 @@ class VLLMValue(_Engine):
             runner="pooling",
             pooler_config=PoolerConfig(use_activation=False),
             enable_prefix_caching=enable_prefix_caching,
-            **build_engine_kwargs(
+            **llm_kwargs(
                 max_model_len=max_model_len,
                 seed=seed,
                 dtype=dtype,

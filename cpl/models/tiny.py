@@ -1,6 +1,7 @@
 """Tiny models the project builds itself: a local byte-level BPE tokenizer and random-weight Llama/Qwen2.
 
-There is no model hub at run time (DESIGN §5), so tests and development use these. The tokenizer keeps every
+There is no model hub at run time (docs/architecture.md, environment), so tests and development use these.
+The tokenizer keeps every
 prompt marker of :data:`cpl.formats.MARKERS` as one *normal* token (a special token would be removed by
 ``skip_special_tokens`` and the stop strings would never match) and splits digits one by one so that
 arithmetic is learnable. The models' head_dim is 64: vLLM's CPU attention rejects 16.
@@ -10,8 +11,7 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Literal
 
@@ -30,6 +30,7 @@ from cpl.formats import (
     render_response,
     solution_text,
 )
+from cpl.models.hf import quiet_transformers
 
 BOS, EOS, PAD = "<s>", "</s>", "<pad>"
 SPECIAL_TOKENS: tuple[str, ...] = (PAD, BOS, EOS)
@@ -130,23 +131,6 @@ def save_tokenizer(tokenizer: PreTrainedTokenizerFast, out_dir: Path) -> None:
     config = json.loads(config_path.read_text())
     config["tokenizer_class"] = "PreTrainedTokenizerFast"  # 5.x writes "TokenizersBackend", unknown to 4.x
     config_path.write_text(json.dumps(config, indent=2) + "\n")
-
-
-@contextmanager
-def quiet_transformers() -> Iterator[None]:
-    """Silence transformers' load reports and progress bars (expected noise when heads are swapped)."""
-    from transformers.utils import logging as hf_logging
-
-    verbosity = hf_logging.get_verbosity()
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(verbosity)
-        if bars:
-            hf_logging.enable_progress_bar()
 
 
 # --- models ----------------------------------------------------------------------------------------------

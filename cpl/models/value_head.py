@@ -9,34 +9,16 @@ the raw logit (``use_activation=False``) and apply :func:`cpl.values.value_from_
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
+from cpl.models.hf import copy_tokenizer, quiet_transformers
 from cpl.values import value_from_logit
 
 SCORE_INIT_STD = 0.02
 """Standard deviation of the fresh score head (small, so that untrained values stay near 0)."""
-
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "tokenizer.model",
-    "vocab.json",
-    "merges.txt",
-    "added_tokens.json",
-    "chat_template.jinja",
-)
-"""Files that make up a saved HF tokenizer (whichever of them exist are copied with a checkpoint)."""
-
-
-def _copy_tokenizer(src: Path, dst: Path) -> None:
-    for name in TOKENIZER_FILES:
-        if (src / name).is_file():
-            shutil.copy2(src / name, dst / name)
 
 
 def make_value_model(base_dir: Path, out_dir: Path, *, seed: int = 0) -> Path:
@@ -47,8 +29,6 @@ def make_value_model(base_dir: Path, out_dir: Path, *, seed: int = 0) -> Path:
     last token of a batch), and the tokenizer files are copied.
     """
     from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
-
-    from cpl.models.tiny import quiet_transformers
 
     base_dir, out_dir = Path(base_dir), Path(out_dir)
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
@@ -72,7 +52,7 @@ def make_value_model(base_dir: Path, out_dir: Path, *, seed: int = 0) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     with quiet_transformers():
         model.save_pretrained(out_dir, safe_serialization=True)
-    _copy_tokenizer(base_dir, out_dir)
+    copy_tokenizer(base_dir, out_dir)
     return out_dir
 
 

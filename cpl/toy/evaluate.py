@@ -56,7 +56,7 @@ def generate_greedy(
     return outputs
 
 
-def evaluate(
+def evaluate_planner(
     model_dir: Path | str,
     n: int = 100,
     *,
@@ -114,7 +114,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--show", type=int, default=0, help="print this many generations")
     p.add_argument("--json", type=Path, default=None, help="write the result, samples included, here")
     args = p.parse_args(argv)
-    result = evaluate(
+    result = evaluate_planner(
         args.model,
         args.n,
         family=args.family,

@@ -40,7 +40,7 @@ HEAD_DIM = 64
 
 
 @dataclass
-class TrainConfig:
+class PlannerTrainingConfig:
     seed: int = 0
     minutes: float | None = 40.0
     steps: int | None = None
@@ -138,7 +138,7 @@ def batches(
 # ------------------------------------------------------------------------------------------------ model
 
 
-def make_config(tokenizer, cfg: TrainConfig):
+def make_config(tokenizer, cfg: PlannerTrainingConfig):
     from transformers import LlamaConfig
 
     if cfg.hidden % HEAD_DIM:
@@ -161,14 +161,14 @@ def make_config(tokenizer, cfg: TrainConfig):
     )
 
 
-def _lr_factor(progress: float, step: int, cfg: TrainConfig) -> float:
+def _lr_factor(progress: float, step: int, cfg: PlannerTrainingConfig) -> float:
     if step < cfg.warmup_steps:
         return (step + 1) / cfg.warmup_steps
     progress = min(max(progress, 0.0), 1.0)
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def train(cfg: TrainConfig, out: Path) -> dict:
+def train(cfg: PlannerTrainingConfig, out: Path) -> dict:
     from transformers import AutoModelForCausalLM, GenerationConfig
 
     if cfg.minutes is None and cfg.steps is None:
@@ -338,15 +338,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=None, help="train this many steps instead of a time budget")
     p.add_argument("--seed", type=int, default=0)
     for name in ("layers", "hidden", "intermediate", "vocab_size", "batch_tokens", "threads", "eval_n", "eval_ood_n"):
-        p.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(TrainConfig, name))
-    p.add_argument("--corpus-problems", type=int, default=TrainConfig.corpus_problems)
-    p.add_argument("--lr", type=float, default=TrainConfig.lr)
+        p.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(PlannerTrainingConfig, name))
+    p.add_argument("--corpus-problems", type=int, default=PlannerTrainingConfig.corpus_problems)
+    p.add_argument("--lr", type=float, default=PlannerTrainingConfig.lr)
     p.add_argument("--device", default="cpu")
     p.add_argument("--no-bf16", dest="bf16", action="store_false", help="train in plain float32")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     minutes = args.minutes if args.minutes is not None or args.steps is not None else 40.0
-    cfg = TrainConfig(
+    cfg = PlannerTrainingConfig(
         seed=args.seed,
         minutes=minutes,
         steps=args.steps,
@@ -365,12 +365,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     info = train(cfg, args.out)
 
-    from cpl.toy.evaluate import evaluate
+    from cpl.toy.evaluate import evaluate_planner
 
-    results = {"arith": evaluate(args.out / "policy", n=cfg.eval_n, family="arith", device=cfg.device)}
+    results = {"arith": evaluate_planner(args.out / "policy", n=cfg.eval_n, family="arith", device=cfg.device)}
     for family in world.OUT_OF_DOMAIN:
         if cfg.eval_ood_n:
-            results[family] = evaluate(args.out / "policy", n=cfg.eval_ood_n, family=family, device=cfg.device)
+            results[family] = evaluate_planner(args.out / "policy", n=cfg.eval_ood_n, family=family, device=cfg.device)
     summary = {name: {k: v for k, v in r.items() if k != "samples"} for name, r in results.items()}
     logger.info("accuracy: %s", json.dumps(summary))
     command = "python -m cpl.toy.train_planner " + " ".join(argv if argv is not None else __import__("sys").argv[1:])

@@ -36,7 +36,7 @@ import hashlib
 import itertools
 import json
 import random
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -840,8 +840,3 @@ def write_gsm8k_jsonl(problems: Iterable[ToyProblem], path: Path | str) -> Path:
         for problem in problems:
             f.write(json.dumps(to_row(problem)) + "\n")
     return path
-
-
-def steps_summary(steps: Sequence[Step]) -> str:
-    """Human-readable plan + solution (for docs and debugging)."""
-    return "\n".join(s.text for s in steps)

@@ -17,25 +17,17 @@ from typing import Any
 
 from torch import nn
 
-from cpl.models.value_head import TOKENIZER_FILES
+from cpl.models.hf import copy_tokenizer, quiet_transformers
 from cpl.training.data import TrainingInputError
+from cpl.training.manifest import MANIFEST, MANIFEST_VERSION, Manifest, read_lineage_entry
 
-MANIFEST = "manifest.json"
-MANIFEST_VERSION = 1
 TRAIN_LOG = "train_log.jsonl"
-
-
-def read_manifest(model_dir: Path) -> dict[str, Any] | None:
-    path = Path(model_dir) / MANIFEST
-    if not path.is_file():
-        return None
-    return json.loads(path.read_text())
 
 
 def lineage(model_dir: Path) -> dict[str, Any]:
     """``base_model`` and ``parent_checkpoint`` entries for a job starting from ``model_dir``."""
     model_dir = Path(model_dir).resolve()
-    parent = read_manifest(model_dir)
+    parent = read_lineage_entry(model_dir)
     parent_entry = {
         "path": str(model_dir),
         "checkpoint_id": parent.get("checkpoint_id") if parent else None,
@@ -59,18 +51,6 @@ def check_out_dir(out_dir: Path, *, overwrite: bool) -> Path:
     return out_dir
 
 
-def copy_tokenizer(src: Path, dst: Path) -> None:
-    copied = False
-    for name in TOKENIZER_FILES:
-        if (Path(src) / name).is_file():
-            shutil.copy2(Path(src) / name, Path(dst) / name)
-            copied = True
-    if not copied:
-        from transformers import AutoTokenizer
-
-        AutoTokenizer.from_pretrained(src).save_pretrained(dst)
-
-
 def save_checkpoint(
     model: nn.Module,
     out_dir: Path,
@@ -83,8 +63,6 @@ def save_checkpoint(
     """Write ``model`` (a transformers model) + tokenizer + manifest to ``out_dir`` atomically.
 
     Returns the manifest as written (with ``checkpoint_id`` and ``created_at`` added)."""
-    from cpl.models.tiny import quiet_transformers
-
     out_dir = Path(out_dir)
     check_out_dir(out_dir, overwrite=overwrite)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -101,6 +79,7 @@ def save_checkpoint(
             "created_at": datetime.now(UTC).isoformat(),
             **manifest,
         }
+        Manifest.model_validate(full)  # the contract between trainer and servers holds before anything is written
         (tmp / MANIFEST).write_text(json.dumps(full, indent=2, default=str) + "\n")
         if history is not None:
             with (tmp / TRAIN_LOG).open("w") as f:

@@ -16,7 +16,8 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from cpl.training.config import PreferenceConfig, SFTConfig, TrainConfig, ValueConfig, config_for
+from cpl.cli_fields import FieldFlag, add_field_flags, given_fields
+from cpl.training.config import CONFIG_CLASSES, PreferenceConfig, SFTConfig, TrainConfig, ValueConfig
 from cpl.training.data import TrainingInputError
 
 EXIT_USAGE = 2
@@ -38,15 +39,40 @@ _JOBS: dict[str, tuple[type[TrainConfig], str, str]] = {
 }
 
 
-def _positive(value: str) -> int:
-    number = int(value)
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return number
+COMMON_FLAGS: tuple[FieldFlag | str, ...] = (
+    FieldFlag("learning_rate", flag="--lr"),
+    "epochs",
+    "batch_size",
+    "micro_batch_size",
+    "max_length",
+    "warmup_ratio",
+    "lr_scheduler",
+    "weight_decay",
+    FieldFlag("max_grad_norm", zero_means_none=True),
+    "seed",
+    FieldFlag("shuffle", negate=True),
+    "device",
+    "precision",
+    "deepspeed",
+    "zero_stage",
+    "attn_implementation",
+    "gradient_checkpointing",
+    FieldFlag("progress", flag="--quiet", negate=True, help="no progress bar"),
+)
+"""`TrainConfig` fields every job takes as flags (help and defaults come from the config classes)."""
 
-
-def _default(cls: type[TrainConfig], name: str) -> object:
-    return cls.model_fields[name].default
+PREFERENCE_FLAGS: tuple[FieldFlag | str, ...] = (
+    "beta",
+    FieldFlag("prefix_sharing", negate=True),
+    "reference_batch_size",
+)
+JOB_FLAGS: dict[str, tuple[FieldFlag | str, ...]] = {
+    "sft": (),
+    "step-apo": (*PREFERENCE_FLAGS, "solution_value_scale"),
+    "step-dpo": PREFERENCE_FLAGS,
+    "dpo": PREFERENCE_FLAGS,
+    "value": (FieldFlag("head_learning_rate", flag="--head-lr"),),
+}
 
 
 def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -61,87 +87,32 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
         )
         p.add_argument("--out", type=Path, required=True, help="checkpoint directory to write")
         p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
-        p.add_argument("--lr", type=float, help=f"learning rate (default {_default(cls, 'learning_rate')})")
-        p.add_argument("--epochs", type=_positive, help=f"epochs (default {_default(cls, 'epochs')})")
-        p.add_argument(
-            "--batch-size", type=_positive, help=f"examples per optimizer step (default {_default(cls, 'batch_size')})"
-        )
-        p.add_argument(
-            "--micro-batch-size",
-            type=_positive,
-            help=f"examples per forward/backward pass (default {_default(cls, 'micro_batch_size')})",
-        )
-        p.add_argument("--max-length", type=_positive, help="drop longer examples (default 2048 tokens)")
-        p.add_argument("--warmup-ratio", type=float, help="warmup fraction of the steps (default 0.1)")
-        p.add_argument("--lr-scheduler", choices=["cosine", "linear", "constant"])
-        p.add_argument("--weight-decay", type=float)
-        p.add_argument("--max-grad-norm", type=float, help="gradient clipping (default 1.0; 0 disables)")
-        p.add_argument("--seed", type=int)
-        p.add_argument("--no-shuffle", action="store_true")
-        p.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
-        p.add_argument("--precision", choices=["auto", "fp32", "bf16"])
-        p.add_argument("--deepspeed", choices=["auto", "on", "off"], help="DeepSpeed ZeRO (GPU); default auto")
-        p.add_argument("--zero-stage", type=int, choices=[0, 1, 2])
-        p.add_argument("--attn-implementation", choices=["auto", "flash_attention_2", "sdpa", "eager"])
-        p.add_argument("--gradient-checkpointing", action="store_true")
-        p.add_argument("--quiet", action="store_true", help="no progress bar")
+        presets = {"--round 2": SFTConfig.round_preset(2)} if kind == "sft" else None
+        add_field_flags(p, cls, (*COMMON_FLAGS, *JOB_FLAGS[kind]), presets=presets)
         if kind == "sft":
             p.add_argument("--round", type=int, choices=[1, 2], help="epochs preset: 5 in round 1, 3 later")
         if cls is PreferenceConfig:
-            p.add_argument("--beta", type=float, help="beta (default 0.3)")
-            p.add_argument("--no-prefix-sharing", action="store_true", help="run prompt + step as one sequence")
-            p.add_argument("--reference-batch-size", type=_positive)
             p.add_argument(
                 "--append-eos",
+                dest="append_eos",
                 action=argparse.BooleanOptionalAction,
-                default=None,
-                help="append </s> to chosen/rejected (default: only for dpo)",
+                default=argparse.SUPPRESS,
+                help=cls.model_fields["append_eos"].description,
             )
-        if kind == "step-apo":
-            p.add_argument("--solution-value-scale", type=float, help="scale of solution-pair values (default 0.3)")
-        if kind == "value":
-            p.add_argument("--head-lr", type=float, help="learning rate of the score head (default: --lr)")
         p.set_defaults(func=cmd_train, train_kind=kind)
     return train
 
 
 def build_config(args: argparse.Namespace) -> TrainConfig:
+    """The job's config: its defaults (the SFT round preset with ``--round``) and every flag given on top."""
     kind = args.train_kind
-    overrides: dict[str, object] = {
-        "learning_rate": args.lr,
-        "epochs": args.epochs,
-        "batch_size": args.batch_size,
-        "micro_batch_size": args.micro_batch_size,
-        "max_length": args.max_length,
-        "warmup_ratio": args.warmup_ratio,
-        "lr_scheduler": args.lr_scheduler,
-        "weight_decay": args.weight_decay,
-        "max_grad_norm": args.max_grad_norm or None,
-        "seed": args.seed,
-        "shuffle": False if args.no_shuffle else None,
-        "device": args.device,
-        "precision": args.precision,
-        "deepspeed": args.deepspeed,
-        "zero_stage": args.zero_stage,
-        "attn_implementation": args.attn_implementation,
-        "gradient_checkpointing": True if args.gradient_checkpointing else None,
-        "progress": False if args.quiet else None,
-    }
-    if kind == "sft" and args.round is not None and args.epochs is None:
-        overrides["epochs"] = 5 if args.round == 1 else 3
-    if kind in ("step-apo", "step-dpo", "dpo"):
-        overrides["beta"] = args.beta
-        overrides["prefix_sharing"] = False if args.no_prefix_sharing else None
-        overrides["reference_batch_size"] = args.reference_batch_size
-        overrides["append_eos"] = args.append_eos
-    if kind == "step-apo":
-        overrides["solution_value_scale"] = args.solution_value_scale
-    if kind == "value":
-        overrides["head_learning_rate"] = args.head_lr
-    config = config_for(kind, **overrides)
-    if args.max_grad_norm == 0:
-        config = config.model_copy(update={"max_grad_norm": None})
-    return config
+    cls = CONFIG_CLASSES[kind]
+    given = given_fields(args, cls)
+    if kind == "sft" and args.round is not None:
+        return SFTConfig.round_preset(args.round, **given)
+    if cls is PreferenceConfig:
+        given["loss"] = kind
+    return cls.model_validate(given)
 
 
 def _validation_message(exc: ValidationError) -> str:

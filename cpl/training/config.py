@@ -9,9 +9,10 @@ also for the last, partial batch of an epoch.
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+from pydantic_core import PydanticUndefined
 
 from cpl.losses import SOLUTION_VALUE_SCALE, STEP_APO_BETA
 
@@ -19,25 +20,46 @@ JobKind = Literal["sft", "step-apo", "step-dpo", "dpo", "value"]
 PreferenceLoss = Literal["step-apo", "step-dpo", "dpo"]
 
 
+LEARNING_RATE = "peak learning rate (AdamW)"
+EPOCHS = "passes over the dataset"
+BATCH_SIZE = "examples per optimizer step"
+
+
+def learning_rate(default: float = PydanticUndefined) -> Any:
+    return Field(default=default, gt=0, description=LEARNING_RATE)
+
+
+def epochs(default: int = PydanticUndefined) -> Any:
+    return Field(default=default, ge=1, description=EPOCHS)
+
+
+def batch_size(default: int = PydanticUndefined) -> Any:
+    return Field(default=default, ge=1, description=BATCH_SIZE)
+
+
 class TrainConfig(BaseModel):
     """What every job shares. Subclasses set the defaults of their job."""
 
     model_config = ConfigDict(extra="forbid")
 
-    learning_rate: float = Field(gt=0)
-    epochs: int = Field(ge=1)
-    batch_size: int = Field(ge=1, description="examples per optimizer step")
+    learning_rate: float = learning_rate()
+    epochs: int = epochs()
+    batch_size: int = batch_size()
     micro_batch_size: int = Field(default=4, ge=1, description="examples per forward/backward pass")
-    lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
-    warmup_ratio: float = Field(default=0.1, ge=0.0, lt=1.0)
-    weight_decay: float = Field(default=0.0, ge=0.0)
-    adam_beta1: float = Field(default=0.9, ge=0.0, lt=1.0)
-    adam_beta2: float = Field(default=0.999, ge=0.0, lt=1.0)
-    adam_epsilon: float = Field(default=1e-8, gt=0.0)
-    max_grad_norm: float | None = Field(default=1.0, gt=0.0, description="None: no clipping")
+    lr_scheduler: Literal["cosine", "linear", "constant"] = Field(
+        default="cosine", description="learning-rate schedule after the warmup"
+    )
+    warmup_ratio: float = Field(default=0.1, ge=0.0, lt=1.0, description="warmup fraction of the steps")
+    weight_decay: float = Field(default=0.0, ge=0.0, description="AdamW weight decay")
+    adam_beta1: float = Field(default=0.9, ge=0.0, lt=1.0, description="AdamW beta1")
+    adam_beta2: float = Field(default=0.999, ge=0.0, lt=1.0, description="AdamW beta2")
+    adam_epsilon: float = Field(default=1e-8, gt=0.0, description="AdamW epsilon")
+    max_grad_norm: float | None = Field(
+        default=1.0, gt=0.0, description="gradient clipping norm; None (0 on the command line): no clipping"
+    )
     max_length: int = Field(default=2048, ge=2, description="longer examples are dropped (and counted)")
-    seed: int = 0
-    shuffle: bool = True
+    seed: int = Field(default=0, description="seed of the data order and fresh weights")
+    shuffle: bool = Field(default=True, description="shuffle the examples every epoch")
     device: str = Field(default="auto", description="auto (cuda if available), cpu, cuda, cuda:N")
     precision: Literal["auto", "fp32", "bf16"] = Field(
         default="auto", description="auto: bf16 on GPU, fp32 on CPU; bf16 keeps fp32 master weights"
@@ -45,11 +67,11 @@ class TrainConfig(BaseModel):
     deepspeed: Literal["auto", "on", "off"] = Field(
         default="auto", description="auto: DeepSpeed when on GPU and importable"
     )
-    zero_stage: Literal[0, 1, 2] = 2
+    zero_stage: Literal[0, 1, 2] = Field(default=2, description="DeepSpeed ZeRO stage")
     attn_implementation: Literal["auto", "flash_attention_2", "sdpa", "eager"] = Field(
         default="auto", description="auto: flash_attention_2 on GPU when flash_attn is importable, else sdpa"
     )
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = Field(default=False, description="recompute activations to save memory")
     progress: bool = Field(default=True, description="tqdm progress bar (loss, lr, ETA)")
 
     @property
@@ -71,9 +93,9 @@ class TrainConfig(BaseModel):
 class SFTConfig(TrainConfig):
     """Policy SFT on correct full responses: lr 1e-5, batch 512, 5 epochs in round 1, 3 later (Table 6)."""
 
-    learning_rate: float = Field(default=1e-5, gt=0)
-    epochs: int = Field(default=5, ge=1)
-    batch_size: int = Field(default=512, ge=1)
+    learning_rate: float = learning_rate(1e-5)
+    epochs: int = epochs(5)
+    batch_size: int = batch_size(512)
 
     @classmethod
     def round_preset(cls, round_number: int, **overrides: object) -> SFTConfig:
@@ -91,12 +113,14 @@ class PreferenceConfig(TrainConfig):
     log-probs are computed once, before training.
     """
 
-    loss: PreferenceLoss = "step-apo"
-    learning_rate: float = Field(default=1e-6, gt=0)
-    epochs: int = Field(default=2, ge=1)
-    batch_size: int = Field(default=64, ge=1)
-    beta: float = Field(default=STEP_APO_BETA, gt=0)
-    solution_value_scale: float = Field(default=SOLUTION_VALUE_SCALE, ge=0)
+    loss: PreferenceLoss = Field(default="step-apo", description="step-apo, step-dpo or dpo (the job's name)")
+    learning_rate: float = learning_rate(1e-6)
+    epochs: int = epochs(2)
+    batch_size: int = batch_size(64)
+    beta: float = Field(default=STEP_APO_BETA, gt=0, description="beta of the (Step-A)PO loss")
+    solution_value_scale: float = Field(
+        default=SOLUTION_VALUE_SCALE, ge=0, description="scale of the solution pairs' values (step-apo)"
+    )
     append_eos: bool | None = Field(
         default=None,
         description="append </s> to chosen/rejected; None: only for response-level dpo (steps end on a marker)",
@@ -126,10 +150,12 @@ class ValueConfig(TrainConfig):
     ``head_learning_rate`` optionally gives the fresh score head its own rate.
     """
 
-    learning_rate: float = Field(default=1e-5, gt=0)
-    epochs: int = Field(default=2, ge=1)
-    batch_size: int = Field(default=512, ge=1)
-    head_learning_rate: float | None = Field(default=None, gt=0)
+    learning_rate: float = learning_rate(1e-5)
+    epochs: int = epochs(2)
+    batch_size: int = batch_size(512)
+    head_learning_rate: float | None = Field(
+        default=None, gt=0, description="learning rate of the score head; None: the learning rate"
+    )
 
 
 CONFIG_CLASSES: dict[str, type[TrainConfig]] = {

@@ -4,9 +4,9 @@ The trainer reads only the fields it needs from each row (docs/data-formats.md l
 provenance): ``prompt``/``response`` from ``sft.jsonl``; ``prompt``/``chosen``/``rejected`` (+ ``chosen_value``,
 ``rejected_value``, ``kind`` for Step-APO) from the pair files; ``text``/``value`` from ``value.jsonl``.
 
-Token boundaries (DESIGN §3): the prompt is tokenised alone, *with* the tokenizer's special tokens (``<s>`` in
-front, as vLLM tokenises prompts), and the completion (response, step) alone, *without* special tokens; the ids
-are concatenated. So a step's log-prob is over the same tokens whatever the prompt ends with.
+Token boundaries (docs/architecture.md): the prompt is tokenised alone, *with* the tokenizer's special tokens
+(``<s>`` in front, as vLLM tokenises prompts), and the completion (response, step) alone, *without* special
+tokens; the ids are concatenated. So a step's log-prob is over the same tokens whatever the prompt ends with.
 """
 
 from __future__ import annotations
@@ -18,9 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
+import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from cpl.formats import StepKind
+from cpl.losses import scale_solution_values
 
 
 class TrainingInputError(ValueError):
@@ -224,8 +226,9 @@ def tokenize_pairs(
             continue
         vw = vl = 0.0
         if solution_value_scale is not None and isinstance(row, StepPairRow):
-            scale = solution_value_scale if row.kind is StepKind.SOLUTION else 1.0
-            vw, vl = row.chosen_value * scale, row.rejected_value * scale
+            values = torch.tensor([row.chosen_value, row.rejected_value], dtype=torch.float64)
+            is_solution = torch.tensor(row.kind is StepKind.SOLUTION)
+            vw, vl = scale_solution_values(values, is_solution, solution_value_scale).tolist()
         out.append(TokenizedPair(prompt_ids=p, chosen_ids=c, rejected_ids=r, chosen_value=vw, rejected_value=vl))
     return out, dropped
 

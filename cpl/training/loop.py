@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 
 from cpl.training.config import TrainConfig
 from cpl.training.resume import FitHooks, LoopState
-from cpl.training.runtime import TrainEngine
+from cpl.training.runtime import TrainableModel
 
 
 class Job(Protocol):
@@ -26,7 +26,7 @@ class Job(Protocol):
         """The denominator of a full batch's loss (examples, or target tokens for SFT)."""
         ...
 
-    def micro_step(self, engine: TrainEngine, indices: Sequence[int], normalizer: float) -> tuple[Tensor, dict]:
+    def micro_step(self, engine: TrainableModel, indices: Sequence[int], normalizer: float) -> tuple[Tensor, dict]:
         """Loss of a micro-batch, already divided by ``normalizer``, and additive statistics (sums)."""
         ...
 
@@ -52,7 +52,7 @@ def batches(config: TrainConfig, num_examples: int, epoch: int) -> list[list[int
 
 
 def fit(
-    job: Job, engine: TrainEngine, config: TrainConfig, hooks: FitHooks | None = None
+    job: Job, engine: TrainableModel, config: TrainConfig, hooks: FitHooks | None = None
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Train; returns the per-step log and the final metrics.
 

@@ -12,7 +12,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from cpl.training.checkpoint import MANIFEST
+MANIFEST = "manifest.json"
+MANIFEST_VERSION = 1
 
 
 class ParentCheckpoint(BaseModel):
@@ -56,3 +57,13 @@ class Manifest(BaseModel):
     @classmethod
     def read(cls, model_dir: Path) -> Manifest:
         return cls.model_validate(json.loads((Path(model_dir) / MANIFEST).read_text()))
+
+
+def read_lineage_entry(model_dir: Path) -> dict[str, Any] | None:
+    """The raw ``manifest.json`` of a starting model, or None for a base model (no manifest).
+
+    Read leniently: only its ``checkpoint_id``, ``kind`` and ``base_model`` feed the next checkpoint's lineage,
+    and a checkpoint written by an older trainer must still be a valid starting point.
+    """
+    path = Path(model_dir) / MANIFEST
+    return json.loads(path.read_text()) if path.is_file() else None

@@ -27,7 +27,7 @@ import torch
 
 from cpl.training.config import TrainConfig
 from cpl.training.data import DataFile, TrainingInputError
-from cpl.training.runtime import TrainEngine
+from cpl.training.runtime import TrainableModel
 
 STATE_FILE = "state.pt"
 PROGRESS_FILE = "progress.json"
@@ -89,7 +89,7 @@ class TrainState:
 
     # --- save / load ---------------------------------------------------------------------------------------
 
-    def save(self, engine: TrainEngine, loop: LoopState) -> None:
+    def save(self, engine: TrainableModel, loop: LoopState) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
         payload: dict[str, Any] = {
             "fingerprint": self.fingerprint,
@@ -121,7 +121,7 @@ class TrainState:
         if ds is not None:
             self._drop_old_deepspeed_tags(keep=payload["deepspeed_tag"])
 
-    def load(self, engine: TrainEngine) -> LoopState | None:
+    def load(self, engine: TrainableModel) -> LoopState | None:
         """Restore the engine from the saved state; None when there is none."""
         path = self.directory / STATE_FILE
         if not path.is_file():

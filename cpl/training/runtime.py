@@ -6,8 +6,8 @@ SDPA, plain PyTorch. Single process: a launch with ``WORLD_SIZE > 1`` is refused
 not implemented).
 
 Gradient accumulation is done here, not by DeepSpeed's counter, so a short last batch works: the job scales
-each micro-batch's loss by the size of its *full* batch, :meth:`TrainEngine.backward` is told which micro-batch
-is the last of the step, and :meth:`TrainEngine.step` applies the update.
+each micro-batch's loss by the size of its *full* batch, :meth:`TrainableModel.backward` is told which micro-batch
+is the last of the step, and :meth:`TrainableModel.step` applies the update.
 """
 
 from __future__ import annotations
@@ -162,8 +162,9 @@ class Forward(nn.Module):
         return self.fn(self.model, **batch)
 
 
-class TrainEngine:
-    """AdamW + warmup/cosine schedule + clipping, on DeepSpeed or plain PyTorch, with manual accumulation."""
+class TrainableModel:
+    """The model being trained with its optimizer: AdamW + warmup/cosine schedule + clipping, on DeepSpeed or
+    plain PyTorch, with manual accumulation."""
 
     def __init__(
         self,
@@ -255,7 +256,3 @@ class TrainEngine:
 
     def eval(self) -> None:
         self.module.eval()
-
-
-def place_batch(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}

@@ -12,12 +12,26 @@ from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from pydantic import BaseModel, ConfigDict, Field
 
 from services.common.errors import APIError
 from services.common.metrics import MetricsMiddleware, ServiceMetrics
+from services.common.request_errors import RETRY_AFTER_DOC, validation_error_handler
 
 Readiness = Callable[[], Awaitable[tuple[bool, str]]]
+
+
+class HealthBody(BaseModel):
+    status: str = Field(description="'alive', or why the process should be restarted")
+
+
+class ReadyBody(BaseModel):
+    model_config = ConfigDict(extra="allow")  # ready_info adds the service's fields (a gateway's model_version)
+
+    ready: bool
+    status: str = Field(description="'ready', or why not: starting, swapping, restarting, ...")
 
 
 async def _alive() -> tuple[bool, str]:
@@ -56,17 +70,29 @@ def create_service_app(
     app.state.metrics = metrics
     check_health = _health_of(health)
 
+    app.add_exception_handler(RequestValidationError, validation_error_handler)
+
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
         return JSONResponse({"detail": exc.message}, status_code=exc.status, headers=exc.headers())
 
-    @app.get("/health", tags=["operations"])
+    @app.get(
+        "/health",
+        tags=["operations"],
+        response_model=HealthBody,
+        responses={503: {"model": HealthBody, "description": "not healthy: restart the process"}},
+    )
     async def health_endpoint() -> JSONResponse:
         """Liveness: 200 while the process works, 503 when it should be restarted."""
         ok, detail = await check_health()
         return JSONResponse({"status": detail}, status_code=200 if ok else 503)
 
-    @app.get("/ready", tags=["operations"])
+    @app.get(
+        "/ready",
+        tags=["operations"],
+        response_model=ReadyBody,
+        responses={503: {"model": ReadyBody, "description": "not ready", "headers": RETRY_AFTER_DOC}},
+    )
     async def ready_endpoint() -> JSONResponse:
         """Readiness: 200 only when a request would succeed now; else 503 + Retry-After with the reason."""
         ok, detail = await ready()
@@ -77,7 +103,7 @@ def create_service_app(
             body, status_code=200 if ok else 503, headers=None if ok else {"Retry-After": str(retry_after_s)}
         )
 
-    @app.get("/metrics", tags=["operations"])
+    @app.get("/metrics", tags=["operations"], response_class=PlainTextResponse)
     async def metrics_endpoint() -> Response:
         """Prometheus metrics (text exposition format)."""
         body, content_type = metrics.render()

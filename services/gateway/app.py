@@ -7,6 +7,9 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
+import os
+import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -16,7 +19,9 @@ from pydantic import BaseModel, Field
 
 from services.common.app import create_service_app
 from services.common.auth import admin_auth
+from services.common.request_errors import error_responses
 from services.gateway.gate import EngineUnavailable
+from services.gateway.model_version import VersionLabel
 from services.gateway.vllm_gateway import VLLMGateway
 
 try:  # msgspec comes with vLLM; it decodes vLLM's answers ~3x faster than json (they carry per-token lists)
@@ -27,11 +32,13 @@ except ImportError:  # pragma: no cover
 log = logging.getLogger(__name__)
 
 VERSION_HEADER = "X-Model-Version"
+# What vLLM answers (HTTP 400) when its answer holds NaN or inf (Starlette's JSONResponse refuses them).
+NON_FINITE_MARK = "Out of range float values are not JSON compliant"
 
 
 class SwapRequest(BaseModel):
     path: str = Field(description="checkpoint directory: absolute, or relative to the checkpoint root")
-    version: str | None = Field(default=None, description="version label (default: the load counter)")
+    version: VersionLabel | None = Field(default=None, description="version label (default: the load counter)")
 
 
 class SwapResponse(BaseModel):
@@ -67,10 +74,22 @@ async def post_upstream(service: VLLMGateway, path: str, payload: dict[str, Any]
     except aiohttp.ClientError as exc:
         raise service.call_error(503, f"vLLM {path} unreachable: {exc!r}") from exc
     if status >= 400:
-        code = 400 if status < 500 else 502
         text = content[:800].decode("utf-8", "replace")
+        if NON_FINITE_MARK in text:
+            # vLLM could not serialise its own answer: the model produced NaN/inf. Not the client's fault (a 400
+            # would not be retried); /ready re-runs the probe and fails while the model keeps doing it.
+            service.probe_stale()
+            raise service.call_error(502, f"the model produced non-finite numbers (NaN/inf) for {path}: {text}")
+        code = 400 if status < 500 else 502
         raise service.call_error(code, f"vLLM {path} answered HTTP {status}: {text}")
     return _decode_json(content)
+
+
+def non_finite(values: Any) -> bool:
+    """Whether any number in ``values`` (a number or a list, possibly with None entries) is NaN or inf."""
+    if isinstance(values, list):
+        return any(non_finite(v) for v in values)
+    return isinstance(values, float) and not math.isfinite(values)
 
 
 async def gather_all(aws: list[Awaitable[Any]]) -> list[Any]:
@@ -111,13 +130,27 @@ def create_gateway_app(
     )
     app.state.service = service
 
+    def request_exit() -> None:
+        hook = getattr(app.state, "request_exit", None)  # set by services.common.serve.run_app
+        if hook is not None:
+            hook()
+        else:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    service.request_exit = request_exit
+
     @app.get("/v1/model", response_model=ModelInfo)
     async def model() -> dict[str, Any]:
         return service.model_info()
 
     require_admin = admin_auth(service.settings.resolved_admin_token)
 
-    @app.post("/admin/checkpoint", response_model=SwapResponse, dependencies=[Depends(require_admin)])
+    @app.post(
+        "/admin/checkpoint",
+        response_model=SwapResponse,
+        dependencies=[Depends(require_admin)],
+        responses=error_responses(400, 401, 403, 404, 409, 422, 500, 503),
+    )
     async def swap_checkpoint(body: SwapRequest) -> dict[str, Any]:
         """Hot-swap the weights (bearer token). 4xx: refused, old weights serving; 5xx: see the message."""
         return await service.swap(body.path, body.version)

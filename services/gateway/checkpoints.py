@@ -88,16 +88,20 @@ def resolve_checkpoint_path(root: Path | None, requested: str) -> Path:
     candidate = Path(requested)
     if not candidate.is_absolute():
         candidate = real_root / candidate
-    real = candidate.resolve(strict=False)
-    if real != real_root and not real.is_relative_to(real_root):
-        raise CheckpointError(400, f"checkpoint path {requested!r} lies outside the checkpoint root {real_root}")
-    if any(part.startswith(".") for part in real.relative_to(real_root).parts):
-        # Hidden directories are work areas (a training job's staging output and resumable state): never served.
-        raise CheckpointError(400, f"checkpoint path {requested!r} is a hidden work directory, not a checkpoint")
-    if not real.exists():
-        raise CheckpointError(404, f"checkpoint directory {requested!r} does not exist")
-    if not real.is_dir():
-        raise CheckpointError(400, f"checkpoint path {requested!r} is not a directory")
+    shown = requested if len(requested) <= 200 else f"{requested[:200]}... ({len(requested)} characters)"
+    try:
+        real = candidate.resolve(strict=False)
+        if real != real_root and not real.is_relative_to(real_root):
+            raise CheckpointError(400, f"checkpoint path {shown!r} lies outside the checkpoint root {real_root}")
+        if any(part.startswith(".") for part in real.relative_to(real_root).parts):
+            # Hidden directories are work areas (a training job's staging output and resumable state): never served.
+            raise CheckpointError(400, f"checkpoint path {shown!r} is a hidden work directory, not a checkpoint")
+        if not real.exists():
+            raise CheckpointError(404, f"checkpoint directory {shown!r} does not exist")
+        if not real.is_dir():
+            raise CheckpointError(400, f"checkpoint path {shown!r} is not a directory")
+    except OSError as exc:  # e.g. ENAMETOOLONG, ELOOP, EACCES: the client named a path the OS cannot open
+        raise CheckpointError(400, f"checkpoint path {shown!r} cannot be opened: {exc.strerror or exc}") from exc
     return real
 
 
@@ -212,7 +216,9 @@ def _tokenizer_fingerprint(directory: Path) -> str | None:
     return json.dumps(relevant, sort_keys=True)
 
 
-def read_manifest(directory: Path, *, root: Path | None = None, verify_tensors: bool = False) -> CheckpointManifest:
+def read_manifest(
+    directory: Path, *, root: Path | None = None, verify_tensors: bool = False, check_finite: bool = False
+) -> CheckpointManifest:
     """Read and check a checkpoint directory; every file must lie under ``root`` (if given) after symlinks."""
     config_path = directory / "config.json"
     if not config_path.is_file():
@@ -233,6 +239,9 @@ def read_manifest(directory: Path, *, root: Path | None = None, verify_tensors: 
             if name in tensors:
                 raise CheckpointError(422, f"tensor {name!r} appears in more than one weight file")
             tensors[name] = info
+    if check_finite:
+        for path in files:
+            check_finite_weights(path)
     if verify_tensors:
         _verify_tensor_data(files)
     tok = directory / "tokenizer.json"
@@ -241,6 +250,55 @@ def read_manifest(directory: Path, *, root: Path | None = None, verify_tensors: 
     return CheckpointManifest(
         path=directory, config=config, tensors=tensors, files=files, tokenizer=_tokenizer_fingerprint(directory)
     )
+
+
+# Bit masks of the exponent field of each floating-point type: a value is NaN or inf exactly when all its exponent
+# bits are set (F8_E4M3 has no inf; its NaN is S.1111.111). Checking raw bits needs no float decoding, so bf16 and
+# fp8 are as cheap as fp32.
+_NON_FINITE: dict[str, tuple[str, int, int]] = {
+    "F64": ("<u8", 0x7FF0000000000000, 0x7FF0000000000000),
+    "F32": ("<u4", 0x7F800000, 0x7F800000),
+    "F16": ("<u2", 0x7C00, 0x7C00),
+    "BF16": ("<u2", 0x7F80, 0x7F80),
+    "F8_E5M2": ("u1", 0x7C, 0x7C),
+    "F8_E4M3": ("u1", 0x7F, 0x7F),
+}
+_CHUNK_BYTES = 16 << 20
+
+
+def check_finite_weights(path: Path) -> None:
+    """Refuse (422) a safetensors file with a NaN or inf in any floating-point tensor; streamed in chunks, so
+    memory stays at one chunk whatever the checkpoint's size. The header was checked by ``read_manifest``."""
+    import numpy as np
+
+    try:
+        with path.open("rb") as fh:
+            (header_len,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(header_len))
+            base = 8 + header_len
+            for name, info in sorted(
+                ((n, i) for n, i in header.items() if n != "__metadata__"), key=lambda item: item[1]["data_offsets"][0]
+            ):
+                kind = _NON_FINITE.get(info["dtype"])
+                if kind is None:
+                    continue
+                dtype, mask, special = kind
+                width = np.dtype(dtype).itemsize
+                begin, end = info["data_offsets"]
+                fh.seek(base + begin)
+                remaining = end - begin
+                while remaining > 0:
+                    chunk = fh.read(min(_CHUNK_BYTES - _CHUNK_BYTES % width, remaining))
+                    if not chunk:
+                        raise CheckpointError(422, f"{path.name}: tensor {name!r} is truncated")
+                    remaining -= len(chunk)
+                    bits = np.frombuffer(chunk, dtype=dtype)
+                    if bool(np.any((bits & mask) == special)):
+                        raise CheckpointError(422, f"{path.name}: tensor {name!r} has NaN or inf values")
+    except CheckpointError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError, struct.error) as exc:
+        raise CheckpointError(422, f"{path.name}: unreadable tensor data: {exc}") from exc
 
 
 def _verify_tensor_data(files: list[Path]) -> None:

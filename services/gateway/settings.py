@@ -14,6 +14,7 @@ from pydantic import Field, field_validator
 from pydantic_settings import SettingsConfigDict
 
 from services.common.settings import AdminTokenSettings, ServerSettings
+from services.gateway.model_version import VersionLabel
 
 
 class GatewaySettings(ServerSettings, AdminTokenSettings):
@@ -27,12 +28,24 @@ class GatewaySettings(ServerSettings, AdminTokenSettings):
         default=None, description="tokenizer directory (default: the model's); never reloaded by a hot-swap"
     )
     served_model_name: str = Field(default="model", description="model name vLLM answers to (OpenAI `model`)")
-    model_version: str = Field(default="1", description="version label of the model loaded at start")
+    model_version: VersionLabel = Field(
+        default="1",
+        description="version label of the model loaded at start: 1-64 characters from A-Z a-z 0-9 . _ - + : @ /",
+    )
 
     # --- the vLLM child process --------------------------------------------------------------------------
     vllm_python: str = Field(default=sys.executable, description="interpreter that runs the vLLM server")
-    vllm_host: str = Field(default="127.0.0.1", description="vLLM listens here; keep it on localhost")
-    vllm_port: int = Field(default=0, ge=0, le=65535, description="vLLM's port; 0 picks a free one")
+    vllm_uds: bool = Field(
+        default=True,
+        description=(
+            "vLLM listens on a Unix socket in a directory only the gateway's user can open (mode 0700), so no other "
+            "process reaches its unauthenticated dev endpoints; false: on VLLM_HOST:VLLM_PORT"
+        ),
+    )
+    vllm_host: str = Field(
+        default="127.0.0.1", description="with VLLM_UDS=false vLLM listens here; keep it on localhost"
+    )
+    vllm_port: int = Field(default=0, ge=0, le=65535, description="with VLLM_UDS=false vLLM's port; 0 picks a free one")
     max_model_len: int = Field(default=4096, ge=16, description="--max-model-len")
     gpu_memory_utilization: float = Field(
         default=0.9,
@@ -50,6 +63,22 @@ class GatewaySettings(ServerSettings, AdminTokenSettings):
     enforce_eager: bool = Field(default=False, description="--enforce-eager (skip torch.compile / CUDA graphs)")
     vllm_extra_args: list[str] = Field(default_factory=list, description="more vLLM flags, as a JSON list")
     vllm_startup_timeout_s: float = Field(default=900.0, gt=0, description="how long vLLM may take to start")
+    vllm_max_restarts: int = Field(
+        default=3,
+        ge=0,
+        description=(
+            "a vLLM child that dies is restarted at most this many times within VLLM_RESTART_WINDOW_S; one more "
+            "death and the gateway exits with code 1 (0: exit at the first death)"
+        ),
+    )
+    vllm_restart_window_s: float = Field(
+        default=600.0, gt=0, description="restarts older than this no longer count against VLLM_MAX_RESTARTS"
+    )
+    vllm_restart_backoff_s: float = Field(
+        default=2.0,
+        ge=0,
+        description="wait before restarting a dead vLLM child; doubles with each restart in the window",
+    )
 
     # --- requests ----------------------------------------------------------------------------------------
     request_timeout_s: float = Field(default=600.0, gt=0, description="gateway -> vLLM request timeout")
@@ -59,6 +88,21 @@ class GatewaySettings(ServerSettings, AdminTokenSettings):
     # --- hot-swap ----------------------------------------------------------------------------------------
     checkpoint_root: Path | None = Field(
         default=None, description="hot-swap checkpoints must lie under this directory; unset disables hot-swap"
+    )
+    check_finite_weights: bool = Field(
+        default=True,
+        description=(
+            "before a hot-swap stream every floating-point tensor of the checkpoint and refuse one with NaN or inf "
+            "(reads the checkpoint once, in chunks)"
+        ),
+    )
+    ready_probe_interval_s: float = Field(
+        default=10.0,
+        ge=0,
+        description=(
+            "/ready runs the probe (a short greedy generation with log-probs, or a value) at most this often and "
+            "fails while the model answers non-finite numbers; 0: on every /ready"
+        ),
     )
     verify_tensors: bool = Field(
         default=False,

@@ -2,8 +2,9 @@
 
 ``/v1/expand`` sends one vLLM ``/v1/completions`` request per state (``n`` = k candidates) and all states of the
 batch at once, so vLLM's continuous batching and prefix caching (siblings share the whole prompt) do their work.
-Prompts come from :meth:`cpl.protocols.ExpandRequest.prompt`, stop strings from :func:`cpl.formats.stop_strings`
-and step classification from :func:`cpl.formats.parse_generated_step`.
+Prompts come from :meth:`cpl.protocols.ExpandRequest.prompt`; sampling settings (greedy, room left in the context)
+and the translation of vLLM's choices into candidates from :mod:`cpl.completions`, which the in-process engine
+uses too.
 
 Log-probs: vLLM runs with ``--logprobs-mode raw_logprobs`` and each request asks for ``logprobs=0`` (only the
 sampled token's log-prob): a candidate's ``logprob`` is the sum of the untempered log-probs of exactly the tokens
@@ -23,55 +24,40 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from cpl.formats import parse_generated_step, stop_strings
+from cpl.completions import candidates_from_completions, completion_from_openai_choice, sampling_plan
 from cpl.protocols import Candidate, ExpandRequest, ExpandResult
-from services.gateway.app import JSON_HEADERS, VERSION_HEADER, create_gateway_app, gather_all, post_upstream
+from services.common.request_errors import VERSION_HEADER_DOC, error_responses, parse_json_object
+from services.gateway.app import (
+    JSON_HEADERS,
+    VERSION_HEADER,
+    create_gateway_app,
+    gather_all,
+    non_finite,
+    post_upstream,
+)
 from services.gateway.vllm_gateway import VLLMGateway
 from services.policy.schemas import ExpandBatchRequest, ExpandBatchResponse
 from services.policy.settings import PolicySettings
 
 
-def completion_payload(request: ExpandRequest, model: str) -> dict[str, Any]:
-    """The vLLM ``/v1/completions`` body for one state.
-
-    vLLM refuses ``n > 1`` with greedy sampling (temperature 0); greedy candidates are all the same, so one is
-    generated and repeated ``n`` times (:func:`candidates_from_completion`).
-    """
+def completion_payload(request: ExpandRequest, model: str, max_model_len: int) -> dict[str, Any]:
+    """The vLLM ``/v1/completions`` body for one state (n and max_tokens from :func:`cpl.completions.sampling_plan`)."""
+    plan = sampling_plan(request, max_model_len=max_model_len)
     return {
         "model": model,
         "prompt": request.prompt(),
-        "n": 1 if request.temperature == 0 else request.n,
-        "temperature": request.temperature,
-        "max_tokens": request.max_tokens,
-        "stop": stop_strings(request.state.format),
+        "n": plan.n,
+        "temperature": plan.temperature,
+        "max_tokens": plan.max_tokens,
+        "stop": plan.stop,
         "logprobs": 0,
         "return_token_ids": True,
     }
 
 
 def candidates_from_completion(request: ExpandRequest, completion: dict[str, Any]) -> list[Candidate]:
-    fmt = request.state.format
-    candidates = []
-    for choice in sorted(completion["choices"], key=lambda c: c["index"]):
-        stop_reason = choice.get("stop_reason")
-        stop_reason = None if stop_reason is None else str(stop_reason)
-        step = parse_generated_step(choice["text"], stop_reason, fmt, forced=request.force_solution)
-        token_logprobs = (choice.get("logprobs") or {}).get("token_logprobs") or []
-        token_ids = choice.get("token_ids")
-        candidates.append(
-            Candidate(
-                kind=step.kind,
-                text=step.text,
-                num_tokens=len(token_ids) if token_ids is not None else len(token_logprobs),
-                logprob=float(sum(lp for lp in token_logprobs if lp is not None)),
-                finish_reason=choice.get("finish_reason") or "stop",
-                stop_reason=stop_reason,
-                token_ids=token_ids,
-            )
-        )
-    if request.temperature == 0 and candidates:
-        candidates = [candidates[0].model_copy() for _ in range(request.n)]
-    return candidates
+    """The candidates of one vLLM ``/v1/completions`` answer (:func:`cpl.completions.candidates_from_completions`)."""
+    return candidates_from_completions(request, [completion_from_openai_choice(c) for c in completion["choices"]])
 
 
 class _GatedStream(StreamingResponse):
@@ -93,7 +79,11 @@ def register_policy_routes(app: FastAPI, service: VLLMGateway) -> None:
     model_name = settings.served_model_name
     metrics = service.metrics
 
-    @app.post("/v1/expand", response_model=ExpandBatchResponse)
+    @app.post(
+        "/v1/expand",
+        response_model=ExpandBatchResponse,
+        responses={200: {"headers": VERSION_HEADER_DOC}, **error_responses(400, 413, 422, 502, 503, 504)},
+    )
     async def expand(batch: ExpandBatchRequest) -> Response:
         """k candidate next steps for each state; every state's request goes to vLLM at once."""
         if len(batch.requests) > settings.max_batch_states:
@@ -104,7 +94,9 @@ def register_policy_routes(app: FastAPI, service: VLLMGateway) -> None:
             try:
                 completions = await gather_all(
                     [
-                        post_upstream(service, "/v1/completions", completion_payload(r, model_name))
+                        post_upstream(
+                            service, "/v1/completions", completion_payload(r, model_name, settings.max_model_len)
+                        )
                         for r in batch.requests
                     ]
                 )
@@ -122,16 +114,27 @@ def register_policy_routes(app: FastAPI, service: VLLMGateway) -> None:
         body = ExpandBatchResponse.model_construct(results=results, model_version=version).model_dump_json()
         return Response(body, media_type="application/json", headers={VERSION_HEADER: version})
 
-    @app.post("/v1/completions")
+    @app.post(
+        "/v1/completions",
+        responses={
+            200: {
+                "description": "the OpenAI completion (or its event stream), as vLLM answered it",
+                "headers": VERSION_HEADER_DOC,
+                "content": {"application/json": {"schema": {"type": "object"}}, "text/event-stream": {}},
+            },
+            **error_responses(400, 404, 422, 502, 503, 504, passed_through=(400, 404, 422)),
+        },
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": {"type": "object", "description": "OpenAI request"}}},
+            }
+        },
+    )
     async def completions(request: Request) -> Response:
         """OpenAI-compatible completions, forwarded unchanged to vLLM (``echo``, ``logprobs``, ``stream``, ...)."""
         body = await request.body()
-        try:
-            parsed = json.loads(body)
-        except ValueError as exc:
-            raise HTTPException(400, f"request body is not JSON: {exc}") from exc
-        if not isinstance(parsed, dict):
-            raise HTTPException(400, "request body must be a JSON object")
+        parsed = parse_json_object(body)
         session = service.upstream
         await service.gate.acquire()
         version = service.version
@@ -179,7 +182,13 @@ def register_policy_routes(app: FastAPI, service: VLLMGateway) -> None:
                 metrics.generated_tokens.inc(json.loads(content)["usage"]["completion_tokens"] or 0)
         return Response(content, status_code=upstream.status, media_type=media_type, headers=headers)
 
-    @app.get("/v1/models")
+    @app.get(
+        "/v1/models",
+        responses={
+            200: {"description": "OpenAI model list", "content": {"application/json": {"schema": {"type": "object"}}}},
+            **error_responses(503),
+        },
+    )
     async def models() -> Response:
         """OpenAI-compatible model list, forwarded to vLLM."""
         if service.upstream is None:
@@ -192,6 +201,28 @@ def register_policy_routes(app: FastAPI, service: VLLMGateway) -> None:
         return Response(content, status_code=status, media_type="application/json")
 
 
+PROBE_PROMPT = "1 + 1 ="
+
+
+async def probe_policy(service: VLLMGateway) -> str | None:
+    """A 4-token greedy generation with log-probs through the served weights; every log-prob must be finite."""
+    payload = {
+        "model": service.settings.served_model_name,
+        "prompt": PROBE_PROMPT,
+        "max_tokens": 4,
+        "temperature": 0.0,
+        "logprobs": 1,
+    }
+    answer = await post_upstream(service, "/v1/completions", payload)
+    logprobs = answer["choices"][0]["logprobs"]
+    numbers = [x for x in logprobs["token_logprobs"] if x is not None]
+    if not numbers:
+        return "the probe generated no tokens"
+    if non_finite(numbers) or non_finite([v for top in logprobs.get("top_logprobs") or [] for v in top.values()]):
+        return f"non-finite log-probs {numbers}"
+    return None
+
+
 def create_policy_app(settings: PolicySettings | None = None) -> FastAPI:
     settings = settings or PolicySettings()  # type: ignore[call-arg]
     service = VLLMGateway(
@@ -199,5 +230,6 @@ def create_policy_app(settings: PolicySettings | None = None) -> FastAPI:
         name="policy",
         runner="generate",
         extra_vllm_args=["--logprobs-mode", settings.logprobs_mode],
+        probe=probe_policy,
     )
     return create_gateway_app(service, title="CPL policy service", register=register_policy_routes)

@@ -6,13 +6,14 @@ from __future__ import annotations
 
 from typing import Any
 
+from services.common.serve import load_settings
 from services.gateway.serve import run_gateway
 from services.policy.app import create_policy_app
 from services.policy.settings import PolicySettings
 
 
 def serve(**overrides: Any) -> None:
-    settings = PolicySettings(**overrides)
+    settings = load_settings("policy", PolicySettings, overrides)
     run_gateway("policy", settings, create_policy_app)
 
 

@@ -11,12 +11,14 @@ returns V = tanh(logit) (:func:`cpl.values.value_from_logit`). The text scored i
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 from fastapi import FastAPI, HTTPException, Response
 
 from cpl.protocols import ValueResult
 from cpl.values import value_from_logit
+from services.common.request_errors import VERSION_HEADER_DOC, error_responses
 from services.gateway.app import VERSION_HEADER, create_gateway_app, gather_all, post_upstream
 from services.gateway.vllm_gateway import VLLMCallError, VLLMGateway
 from services.value.schemas import ValuesRequest, ValuesResponse
@@ -37,8 +39,26 @@ def logits_from_classification(response: dict[str, Any], expected: int) -> list[
     for item in data:
         if item.get("num_classes", len(item["probs"])) != 1:
             raise VLLMCallError(502, f"value model has {item.get('num_classes')} labels, expected 1", service="value")
-        logits.append(float(item["probs"][0]))
+        logit = float(item["probs"][0])
+        if not math.isfinite(logit):
+            raise VLLMCallError(502, f"the value model produced a non-finite logit ({logit})", service="value")
+        logits.append(logit)
     return logits
+
+
+PROBE_TEXT = "1 + 1 = 2"
+
+
+async def probe_value(service: VLLMGateway) -> str | None:
+    """One value through the served weights; the raw logit must be finite."""
+    answer = await post_upstream(
+        service, "/classify", classify_payload([PROBE_TEXT], service.settings.served_model_name)
+    )
+    try:
+        logits_from_classification(answer, 1)
+    except VLLMCallError as exc:
+        return exc.cause
+    return None
 
 
 def register_value_routes(app: FastAPI, service: VLLMGateway) -> None:
@@ -46,7 +66,11 @@ def register_value_routes(app: FastAPI, service: VLLMGateway) -> None:
     model_name = settings.served_model_name
     metrics = service.metrics
 
-    @app.post("/v1/values", response_model=ValuesResponse)
+    @app.post(
+        "/v1/values",
+        response_model=ValuesResponse,
+        responses={200: {"headers": VERSION_HEADER_DOC}, **error_responses(400, 413, 422, 502, 503, 504)},
+    )
     async def values(batch: ValuesRequest) -> Response:
         """V(s) = tanh(score-head logit) for each state."""
         if len(batch.states) > settings.max_batch_states:
@@ -80,5 +104,6 @@ def create_value_app(settings: ValueSettings | None = None) -> FastAPI:
         name="value",
         runner="pooling",
         extra_vllm_args=["--pooler-config", json.dumps(POOLER_CONFIG)],
+        probe=probe_value,
     )
     return create_gateway_app(service, title="CPL value service", register=register_value_routes)

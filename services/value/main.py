@@ -6,13 +6,14 @@ from __future__ import annotations
 
 from typing import Any
 
+from services.common.serve import load_settings
 from services.gateway.serve import run_gateway
 from services.value.app import create_value_app
 from services.value.settings import ValueSettings
 
 
 def serve(**overrides: Any) -> None:
-    settings = ValueSettings(**overrides)
+    settings = load_settings("value", ValueSettings, overrides)
     run_gateway("value", settings, create_value_app)
 
 

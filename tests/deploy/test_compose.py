@@ -48,12 +48,18 @@ def test_redis_keeps_every_key() -> None:
     assert redis["healthcheck"]["test"][:2] == ["CMD", "redis-cli"]
 
 
-@pytest.mark.parametrize("name", GPU_SERVICES)
-def test_gpu_services_reserve_a_gpu(name: str) -> None:
-    service = load_compose()["services"][name]
-    assert service["profiles"] == ["gpu"]
-    devices = service["deploy"]["resources"]["reservations"]["devices"]
-    assert {"driver": "nvidia", "count": 1, "capabilities": ["gpu"]} in devices
+def test_gpu_services_reserve_a_gpu_each() -> None:
+    services = load_compose()["services"]
+    ids = []
+    for name in GPU_SERVICES:
+        service = services[name]
+        assert service["profiles"] == ["gpu"]
+        (device,) = service["deploy"]["resources"]["reservations"]["devices"]
+        assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"]
+        # Named devices: `count: 1` gives every service the host's first GPU.
+        assert "count" not in device and len(device["device_ids"]) == 1
+        ids.append(device["device_ids"][0])
+    assert len(set(ids)) == len(GPU_SERVICES), ids
 
 
 def test_cpu_profile_runs_the_same_stack_without_gpus() -> None:
@@ -100,6 +106,12 @@ def test_search_starts_after_redis_and_ready_inference_services() -> None:
     assert services["search-api"]["healthcheck"]["test"][-1].endswith("/ready")
 
 
+def test_search_workers_outlive_a_task_slice_on_shutdown() -> None:
+    worker = load_compose()["services"]["search-worker"]
+    slice_s = float(worker["environment"]["CPL_SEARCH_SLICE_SECONDS"])
+    assert int(worker["stop_grace_period"].removesuffix("s")) > slice_s + 60
+
+
 def test_checkpoints_are_shared_by_trainer_and_servers() -> None:
     services = load_compose()["services"]
     assert "checkpoints:/checkpoints" in services["train-worker"]["volumes"]
@@ -117,5 +129,22 @@ def test_secrets_come_from_files_never_from_the_compose_file() -> None:
     # Only the trainer side holds the gateways' admin token besides the gateways themselves.
     holders = {n for n, s in compose["services"].items() if "admin_token" in s.get("secrets", [])}
     assert holders == {"policy", "value", "policy-cpu", "value-cpu", "train-worker", "train-worker-cpu"}
+    # The API keys only where requests are checked.
+    assert {n for n, s in compose["services"].items() if "search_api_key" in s.get("secrets", [])} == {"search-api"}
     gitignore = (COMPOSE_FILE.parent / ".gitignore").read_text().split()
     assert "secrets/" in gitignore
+
+
+def test_references_resolve() -> None:
+    """What the schema cannot see: depends_on, secrets and named volumes point at things that exist."""
+    compose = load_compose()
+    services = compose["services"]
+    for name, service in services.items():
+        for dep in service.get("depends_on", {}):
+            assert dep in services, f"{name} depends on unknown service {dep}"
+        for secret in service.get("secrets", []):
+            assert secret in compose["secrets"], f"{name}: unknown secret {secret}"
+        for volume in service.get("volumes", []):
+            source = volume.split(":")[0]
+            if not source.startswith((".", "/")):
+                assert source in compose["volumes"], f"{name}: undeclared volume {source}"

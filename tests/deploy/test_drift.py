@@ -3,14 +3,16 @@
 - Every `CPL_*` variable that docker-compose.yml or a rendered overlay sets is a setting some pydantic-settings
   class under services/ reads (found generically: every BaseSettings subclass with an env_prefix).
 - Every container running one of our images sets the settings its service requires (no default) plus the ones a
-  deployment needs to work (DEPLOYMENT_NEEDS), which must themselves be real settings.
+  deployment needs to work (ROLES), which must themselves be real settings.
 - Every setting of every class is documented in docs/.
 - Every command our containers and images run is accepted by the real `cpl` parser (services.cli:main).
 
-PENDING lists what the deployment files already carry for services not yet on main (the search service of
-issue 11, the train worker of issue 12). While a component is pending its commands and `CPL_*` names are exempt
-from the two "is it real" checks, and test_pending_components_have_not_landed fails as soon as the component's
-code appears, so the exemption is removed and the names are checked against the real settings.
+Pending: what the deployment files already carry for code not yet on main. PENDING_COMMANDS (the search
+service's `cpl serve search` / `cpl worker`, issue 11; the train worker's `cpl worker --queues train`, issue 12)
+are exempt from the entry-point check while the `cpl` parser rejects them, and PENDING_SETTINGS (by prefix) from
+the "is it a real setting" check while no settings class has that prefix. test_pending_commands_do_not_exist_yet
+and test_pending_settings_have_no_class_yet fail as soon as the code lands, so the exemption is removed and the
+real commands and names are checked from then on.
 """
 
 from __future__ import annotations
@@ -20,49 +22,52 @@ import pytest
 from tests.deploy import deployfiles
 from tests.deploy.deployfiles import Container
 
-# Component -> what marks it as landed (a settings prefix, a package, a command), its commands, its CPL_* names.
-PENDING: dict[str, dict[str, list]] = {
-    "search service (issue 11)": {
-        "prefixes": ["CPL_SEARCH_"],
-        "paths": ["services/search"],
-        "landed_if_parses": [["cpl", "serve", "search"], ["cpl", "worker"]],
-        "commands": [["cpl", "serve", "search"], ["cpl", "worker"]],
-        "settings": [
-            "CPL_REDIS_URL",
-            "CPL_SEARCH_PORT",
-            "CPL_SEARCH_POLICY_URL",
-            "CPL_SEARCH_VALUE_URL",
-            "CPL_SEARCH_API_KEY_FILE",
-        ],
-    },
-    "train worker (issue 12)": {
-        "prefixes": ["CPL_TRAIN_", "CPL_TRAINER_"],
-        "paths": ["services/trainer"],
-        "landed_if_parses": [],
-        "commands": [["cpl", "worker", "--queues", "train"]],
-        "settings": [
-            "CPL_TRAIN_CHECKPOINT_ROOT",
-            "CPL_TRAIN_ADMIN_TOKEN_FILE",
-            "CPL_TRAIN_POLICY_URL",
-            "CPL_TRAIN_VALUE_URL",
-        ],
-    },
+PENDING_COMMANDS: dict[tuple[str, ...], str] = {
+    ("cpl", "serve", "search"): "the search API (issue 11)",
+    ("cpl", "worker"): "the search worker (issue 11)",
+    ("cpl", "worker", "--queues", "train"): "the train worker (issue 12)",
+}
+PENDING_SETTINGS: dict[str, list[str]] = {
+    "CPL_SEARCH_": [
+        "CPL_SEARCH_REDIS_URL",
+        "CPL_SEARCH_PORT",
+        "CPL_SEARCH_POLICY_URL",
+        "CPL_SEARCH_VALUE_URL",
+        "CPL_SEARCH_API_KEYS_FILE",
+        "CPL_SEARCH_SLICE_SECONDS",
+    ],
 }
 
 # What a container of each role reads, and what a deployment must set beyond the settings without a default:
 # the model, the hot-swap root and the admin token file (hot-swap is off without them), the port the probes use.
+# The train worker: where checkpoints go, the models `base` means, every replica to swap, the token, its Redis.
 ROLES: dict[tuple[str, ...], tuple[str, list[str]]] = {
     ("cpl", "serve", "policy"): ("CPL_POLICY_", ["MODEL", "PORT", "CHECKPOINT_ROOT", "ADMIN_TOKEN_FILE"]),
     ("cpl", "serve", "value"): ("CPL_VALUE_", ["MODEL", "PORT", "CHECKPOINT_ROOT", "ADMIN_TOKEN_FILE"]),
+    ("cpl", "worker", "--queues", "train"): (
+        "CPL_TRAINER_",
+        [
+            "CHECKPOINT_ROOT",
+            "BASE_POLICY",
+            "BASE_VALUE",
+            "ADMIN_TOKEN_FILE",
+            "POLICY_REPLICAS",
+            "VALUE_REPLICAS",
+            "REDIS_URL",
+        ],
+    ),
+    # Checked once CPL_SEARCH_ leaves PENDING_SETTINGS.
+    ("cpl", "serve", "search"): ("CPL_SEARCH_", ["REDIS_URL", "POLICY_URL", "VALUE_URL", "API_KEYS_FILE", "PORT"]),
+    ("cpl", "worker"): ("CPL_SEARCH_", ["REDIS_URL", "POLICY_URL", "VALUE_URL", "SLICE_SECONDS"]),
 }
 
 
 def pending_commands() -> set[tuple[str, ...]]:
-    return {tuple(c) for part in PENDING.values() for c in part["commands"]}
+    return set(PENDING_COMMANDS)
 
 
 def pending_settings() -> set[str]:
-    return {s for part in PENDING.values() for s in part["settings"]}
+    return {name for names in PENDING_SETTINGS.values() for name in names}
 
 
 @pytest.fixture(scope="module")
@@ -76,19 +81,21 @@ def test_settings_are_discovered(real_settings: dict[str, deployfiles.Setting]) 
     assert real_settings["CPL_POLICY_MODEL"].required
 
 
-def test_pending_components_have_not_landed(
-    real_settings: dict[str, deployfiles.Setting], entry_points: dict[tuple[str, ...], str]
-) -> None:
-    landed = []
-    for component, part in PENDING.items():
-        prefixes = [s.env for s in real_settings.values() if s.prefix in part["prefixes"]]
-        parsed = [c for c in part["landed_if_parses"] if entry_points.get(tuple(c)) == "ok"]
-        paths = [p for p in part["paths"] if (deployfiles.ROOT / p).exists()]
-        if prefixes or parsed or paths:
-            landed.append(f"{component}: settings {sorted(prefixes)[:5]}, commands {parsed}, code {paths}")
+def test_pending_commands_do_not_exist_yet(entry_points: dict[tuple[str, ...], str]) -> None:
+    landed = [f"{' '.join(c)} ({what})" for c, what in PENDING_COMMANDS.items() if entry_points.get(c) == "ok"]
     assert not landed, (
-        "these components are on main now: remove them from PENDING in tests/deploy/test_drift.py and make "
-        "docker-compose.yml and k8s/ use their real settings and commands:\n" + "\n".join(landed)
+        "these commands exist now: remove them from PENDING_COMMANDS in tests/deploy/test_drift.py (the "
+        "entry-point check then covers them):\n" + "\n".join(landed)
+    )
+
+
+def test_pending_settings_have_no_class_yet(real_settings: dict[str, deployfiles.Setting]) -> None:
+    landed = sorted({s.prefix for s in real_settings.values() if s.prefix in PENDING_SETTINGS})
+    assert not landed, (
+        f"settings classes with the prefixes {landed} exist now: remove them from PENDING_SETTINGS in "
+        "tests/deploy/test_drift.py and make docker-compose.yml and k8s/ use their real names (for the search "
+        "service also the Celery queue's Redis list that KEDA watches, listName in "
+        "k8s/components/keda/scaled-object.yaml)"
     )
 
 
@@ -114,17 +121,19 @@ def test_containers_set_required_and_needed_settings(
     missing = []
     checked = 0
     for c in containers:
-        if not c.ours or c.argv is None or tuple(c.argv[:3]) not in ROLES:
+        if not c.ours or c.argv is None or tuple(c.argv) not in ROLES:
             continue
-        prefix, needs = ROLES[tuple(c.argv[:3])]
+        prefix, needs = ROLES[tuple(c.argv)]
+        if prefix in PENDING_SETTINGS:
+            continue
         for name in needs:
-            assert f"{prefix}{name}" in real_settings, f"DEPLOYMENT_NEEDS names {prefix}{name}, not a setting"
+            assert f"{prefix}{name}" in real_settings, f"ROLES names {prefix}{name}, not a setting"
         required = [s.name for s in real_settings.values() if s.prefix == prefix and s.required]
         for name in sorted({*required, *needs}):
             if f"{prefix}{name}" not in c.env and f"--{name.lower().replace('_', '-')}" not in c.argv:
                 missing.append(f"{c.where}: {prefix}{name}")
         checked += 1
-    assert checked >= 4, "no gateway container found"
+    assert checked >= 6, "no gateway or train worker container found"
     assert not missing, "settings the service needs but the deployment does not set:\n" + "\n".join(missing)
 
 

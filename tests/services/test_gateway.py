@@ -9,6 +9,7 @@ import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import aiohttp
 import httpx
 import pytest
 import torch
@@ -54,6 +55,17 @@ class FakeServer:
 
     def stop(self, timeout_s: float = 30.0) -> None:
         self.stops += 1
+
+    returncode = None
+
+    def log_tail(self, lines: int = 30) -> str:
+        return ""
+
+    def httpx_transport(self) -> None:
+        return None
+
+    def aiohttp_connector(self, limit: int) -> aiohttp.TCPConnector:
+        return aiohttp.TCPConnector(limit=limit)
 
 
 class FakeVLLM:

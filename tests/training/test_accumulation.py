@@ -9,12 +9,12 @@ from cpl.training import PreferenceConfig, SFTConfig
 from cpl.training.data import SFTRow, StepPairRow, tokenize_pairs, tokenize_sft
 from cpl.training.jobs import PreferenceJob, SFTJob, _pair_forward, _sft_forward
 from cpl.training.loop import fit
-from cpl.training.runtime import Forward, TrainEngine, resolve_runtime
+from cpl.training.runtime import Forward, TrainableModel, resolve_runtime
 
 from .helpers import pair_rows, sft_rows
 
 
-class _GradRecorder(TrainEngine):
+class _GradRecorder(TrainableModel):
     """Keeps the accumulated gradient of every step (Adam's first step would amplify float noise)."""
 
     grads: list[torch.Tensor]
@@ -61,7 +61,7 @@ def test_partial_last_batch_is_a_mean_over_its_examples(policy_dir):
     config = PreferenceConfig(learning_rate=1e-12, epochs=1, batch_size=4, micro_batch_size=3, progress=False)
     runtime = resolve_runtime(config)
     model = AutoModelForCausalLM.from_pretrained(policy_dir, dtype=torch.float32)
-    engine = TrainEngine(Forward(model, _pair_forward), config, runtime, config.total_steps(5))
+    engine = TrainableModel(Forward(model, _pair_forward), config, runtime, config.total_steps(5))
     job = PreferenceJob(pairs, config, tokenizer.pad_token_id, runtime.torch_device)
     job.compute_reference(engine, 2)
     history, metrics = fit(job, engine, config)

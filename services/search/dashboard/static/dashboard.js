@@ -1,0 +1,389 @@
+// The CPL search dashboard: reads only the public /v1 API with the key the user typed (sessionStorage), polls
+// every data-poll-ms while the tab is visible (GET /v1/searches/{id} with If-None-Match: a 304 costs nothing) and
+// stops once what it shows is final. Data goes into the page only through textContent, never as HTML.
+"use strict";
+
+(() => {
+  const KEY = "cplApiKey";
+  const FINAL = new Set(["succeeded", "failed", "cancelled"]);
+  const STATUSES = ["queued", "running", "succeeded", "failed", "cancelling", "cancelled"];
+  const body = document.body;
+  const view = body.dataset.view;
+  const itemId = body.dataset.id;
+  const pollMs = Number(body.dataset.pollMs) || 2000;
+  const $ = (id) => document.getElementById(id);
+
+  class AuthError extends Error {}
+
+  // --- DOM helpers -------------------------------------------------------------------------------------------
+  function el(tag, attrs, ...children) {
+    const node = document.createElement(tag);
+    for (const [name, value] of Object.entries(attrs || {})) {
+      if (value === null || value === undefined || value === false) continue;
+      if (name === "class") node.className = value;
+      else if (name === "text") node.textContent = value;
+      else node.setAttribute(name, value === true ? "" : String(value));
+    }
+    for (const child of children) {
+      if (child === null || child === undefined) continue;
+      node.append(child instanceof Node ? child : document.createTextNode(String(child)));
+    }
+    return node;
+  }
+  const fmt = (x, digits = 2) => (x === null || x === undefined ? "–" : Number(x).toFixed(digits));
+  const pct = (x) => (x === null || x === undefined ? "–" : `${(100 * x).toFixed(1)}%`);
+  const when = (iso) => (iso ? new Date(iso).toLocaleString() : "–");
+  const short = (id) => id.slice(0, 12);
+  const clip = (text, n) => (text.length > n ? `${text.slice(0, n - 1)}…` : text);
+
+  function progressBar(done, total, label) {
+    return el(
+      "span",
+      { class: "progress" },
+      el("progress", { max: Math.max(total, 1), value: Math.min(done, total) }),
+      el("span", { class: "progress-text", text: label ?? `${done}/${total}` }),
+    );
+  }
+  const statusBadge = (status) => el("span", { class: `status status-${status}`, text: status });
+
+  // --- the key and the API -----------------------------------------------------------------------------------
+  const apiKey = () => sessionStorage.getItem(KEY);
+
+  async function api(path, { method = "GET", etag = null } = {}) {
+    const headers = { Authorization: `Bearer ${apiKey()}` };
+    if (etag) headers["If-None-Match"] = etag;
+    // no-store: the browser's cache stays out of the way, so our own If-None-Match answers 304 here.
+    const response = await fetch(path, { method, headers, cache: "no-store" });
+    if (response.status === 401 || response.status === 403) {
+      throw new AuthError(response.status === 401 ? "The API asks for a key." : "That key is not accepted.");
+    }
+    if (response.status === 304) return { status: 304, etag };
+    let data = null;
+    try {
+      data = await response.json();
+    } catch (_err) {
+      data = null;
+    }
+    if (!response.ok) {
+      const detail = data && data.detail ? data.detail : response.statusText;
+      throw new Error(`${method} ${path}: ${response.status} ${typeof detail === "string" ? detail : JSON.stringify(detail)}`);
+    }
+    return { status: response.status, etag: response.headers.get("ETag"), body: data };
+  }
+
+  function askForKey(message) {
+    generation += 1;
+    sessionStorage.removeItem(KEY);
+    $("content").hidden = true;
+    $("forget-key").hidden = true;
+    $("key-panel").hidden = false;
+    $("key-error").textContent = message || "";
+    $("api-key").focus();
+  }
+
+  function setConnection(message) {
+    $("conn").textContent = message;
+    $("conn").className = message ? "error" : "muted";
+  }
+
+  // --- polling: only while visible, one request at a time, stopped when the tick says it is final ----------
+  let generation = 0; // a new key starts new pollers; the old ones stop
+
+  function poll(tick) {
+    const mine = generation;
+    let timer = null;
+    let inFlight = false;
+    let finished = false;
+    body.dataset.polling = "on";
+
+    async function run() {
+      timer = null;
+      if (mine !== generation) finished = true;
+      if (finished || inFlight || document.hidden) return;
+      inFlight = true;
+      let more = true;
+      try {
+        more = await tick();
+        setConnection("");
+      } catch (err) {
+        if (err instanceof AuthError) {
+          finished = true;
+          body.dataset.polling = "stopped";
+          askForKey(err.message);
+          return;
+        }
+        setConnection(String(err.message || err));
+      } finally {
+        inFlight = false;
+      }
+      if (more === false) {
+        finished = true;
+        body.dataset.polling = "stopped";
+        return;
+      }
+      schedule();
+    }
+    function schedule() {
+      if (!finished && !timer && !document.hidden) timer = setTimeout(run, pollMs);
+    }
+    document.addEventListener("visibilitychange", () => {
+      if (document.hidden) {
+        if (timer) clearTimeout(timer);
+        timer = null;
+        if (!finished) body.dataset.polling = "paused";
+      } else if (!finished) {
+        body.dataset.polling = "on";
+        run();
+      }
+    });
+    run();
+    return { now: run };
+  }
+
+  // --- rows of searches (index and batch pages) --------------------------------------------------------------
+  function searchRow(s) {
+    const p = s.progress;
+    let best = "–";
+    if (s.best) {
+      const mark = s.best.correct === true ? " ✓" : s.best.correct === false ? " ✗" : "";
+      best = `${s.best.answer ?? "(none)"}${mark}`;
+    }
+    return el(
+      "tr",
+      { "data-search-id": s.id, "data-status": s.status },
+      el("td", {}, el("a", { href: `/ui/searches/${encodeURIComponent(s.id)}`, text: short(s.id) })),
+      el("td", { class: "question-cell", title: s.question, text: clip(s.question, 90) }),
+      el("td", {}, statusBadge(s.status)),
+      el("td", {}, progressBar(p.simulations_done, p.simulations_total)),
+      el("td", { class: "num", text: p.nodes }),
+      el("td", { class: "best-cell", text: best }),
+      el("td", { text: when(s.created_at) }),
+    );
+  }
+
+  function fillSearches(searches) {
+    const tbody = $("searches").querySelector("tbody");
+    tbody.replaceChildren(...searches.map(searchRow));
+    const empty = $("searches-empty");
+    if (empty) empty.hidden = searches.length > 0;
+  }
+
+  function batchFinal(b) {
+    return (b.counts.succeeded || 0) + (b.counts.failed || 0) + (b.counts.cancelled || 0);
+  }
+  // Final when every one of its searches is: a batch read while its searches are being created is not.
+  const batchDone = (b) => b.done && batchFinal(b) >= b.total;
+
+  function batchRow(b) {
+    const c = b.counts;
+    return el(
+      "tr",
+      { "data-batch-id": b.id, "data-done": batchDone(b) ? "true" : "false" },
+      el("td", {}, el("a", { href: `/ui/batches/${encodeURIComponent(b.id)}`, text: short(b.id) })),
+      el("td", {}, progressBar(batchFinal(b), b.total)),
+      ...["queued", "running", "succeeded", "failed", "cancelled"].map((k) =>
+        el("td", { class: `num count-${k}`, text: c[k] || 0 }),
+      ),
+      el("td", { class: "num accuracy", text: b.graded ? `${pct(b.accuracy)} of ${b.graded}` : "–" }),
+      el("td", { text: when(b.created_at) }),
+    );
+  }
+
+  // --- the index: newest searches and their batches ----------------------------------------------------------
+  function indexView() {
+    const batches = new Map(); // id -> record; final ones are not fetched again
+    poll(async () => {
+      const page = await api("/v1/searches?limit=50");
+      const searches = page.body.searches;
+      fillSearches(searches);
+      const ids = [...new Set(searches.map((s) => s.batch_id).filter(Boolean))].slice(0, 20);
+      await Promise.all(
+        ids
+          .filter((id) => !(batches.get(id) && batchDone(batches.get(id))))
+          .map(async (id) => batches.set(id, (await api(`/v1/batches/${encodeURIComponent(id)}`)).body)),
+      );
+      const shown = ids.map((id) => batches.get(id)).filter(Boolean);
+      $("batches").querySelector("tbody").replaceChildren(...shown.map(batchRow));
+      $("batches-empty").hidden = shown.length > 0;
+      return true; // new searches may come at any time
+    });
+  }
+
+  // --- one batch ---------------------------------------------------------------------------------------------
+  function batchView() {
+    const cancel = $("cancel");
+    const poller = poll(async () => {
+      const b = (await api(`/v1/batches/${encodeURIComponent(itemId)}`)).body;
+      const page = await api(`/v1/searches?batch_id=${encodeURIComponent(itemId)}&limit=200`);
+      const counts = STATUSES.map((k) => `${k} ${b.counts[k] || 0}`).join(" · ");
+      $("batch-summary").replaceChildren(
+        el("p", {}, progressBar(batchFinal(b), b.total, `${batchFinal(b)}/${b.total} final`)),
+        el("p", { class: "counts", text: counts }),
+        el("p", {
+          class: "accuracy",
+          text: b.graded ? `Accuracy ${pct(b.accuracy)} over ${b.graded} graded searches` : "Accuracy: none graded yet",
+        }),
+      );
+      const st = b.stats;
+      const rows = [
+        ["Trees", st.trees],
+        ["Average depth of correct solutions", fmt(st.avg_depth)],
+        ["Positive (correct) solution steps", st.positive],
+        ["Negative (incorrect) solution steps", st.negative],
+        ["Positive:negative", st.pos_neg_ratio ?? "–"],
+        ["Plan pairs", st.plan_pairs],
+        ["Solution pairs", st.solution_pairs],
+      ];
+      $("batch-stats")
+        .querySelector("tbody")
+        .replaceChildren(...rows.map(([k, v]) => el("tr", {}, el("th", { text: k }), el("td", { text: v }))));
+      fillSearches(page.body.searches);
+      cancel.hidden = batchDone(b);
+      return !batchDone(b);
+    });
+    cancel.addEventListener("click", async () => {
+      cancel.disabled = true;
+      try {
+        await api(`/v1/batches/${encodeURIComponent(itemId)}/cancel`, { method: "POST" });
+      } catch (err) {
+        setConnection(String(err.message || err));
+      }
+      cancel.disabled = false;
+      poller.now();
+    });
+  }
+
+  // --- one search and its tree -------------------------------------------------------------------------------
+  function nodeLine(node, isBest) {
+    const classes = ["node-line"];
+    if (isBest) classes.push("best");
+    if (node.correct === true) classes.push("correct");
+    if (node.correct === false) classes.push("incorrect");
+    const mark = node.correct === true ? "✓" : node.correct === false ? "✗" : node.dead_end ? "∅" : "";
+    return el(
+      "div",
+      { class: classes.join(" ") },
+      el("span", { class: `kind kind-${node.kind}`, text: node.kind }),
+      mark ? el("span", { class: "mark", text: mark, title: node.correct ? "correct" : "incorrect" }) : null,
+      el("span", { class: "step", text: node.text }),
+      el(
+        "span",
+        { class: "stats" },
+        el("span", { class: "stat-n", text: `N=${node.N}` }),
+        el("span", { class: "stat-v", text: `V=${fmt(node.V)}` }),
+        el("span", { class: "stat-q", text: `Q=${fmt(node.Q)}` }),
+        el("span", { class: "stat-prior", text: `π=${fmt(node.prior, 3)}` }),
+        node.answer !== null && node.answer !== undefined ? el("span", { text: `answer ${node.answer}` }) : null,
+      ),
+    );
+  }
+
+  function renderTree(tree, bestId) {
+    const nodes = tree.nodes;
+    const best = new Set();
+    for (let id = bestId; id !== null && id !== undefined && nodes[id]; id = nodes[id].parent) best.add(id);
+    function subtree(node) {
+      const li = el("li", {
+        class: `node${best.has(node.id) ? " on-best-path" : ""}`,
+        "data-node-id": node.id,
+        "data-kind": node.kind,
+      });
+      li.append(nodeLine(node, best.has(node.id)));
+      if (node.children.length) li.append(el("ul", {}, ...node.children.map((c) => subtree(nodes[c]))));
+      return li;
+    }
+    const root = nodes[0];
+    const header = el(
+      "div",
+      { class: `node-line root${best.size ? " best" : ""}` },
+      el("span", { class: "kind", text: "question" }),
+      el(
+        "span",
+        { class: "stats" },
+        el("span", { class: "stat-n", text: `N=${root.N}` }),
+        el("span", { class: "stat-v", text: `V=${fmt(root.V)}` }),
+        el("span", { text: `${tree.simulations_done}/${tree.config.simulations} simulations` }),
+      ),
+    );
+    const rootLi = el("li", { class: "node root", "data-node-id": 0 }, header);
+    if (root.children.length) rootLi.append(el("ul", {}, ...root.children.map((c) => subtree(nodes[c]))));
+    $("tree").replaceChildren(el("ul", { class: "tree", "data-nodes": nodes.length }, rootLi));
+  }
+
+  function searchSummary(s) {
+    const p = s.progress;
+    const items = [
+      el("p", {}, statusBadge(s.status), " ", progressBar(p.simulations_done, p.simulations_total,
+        `${p.simulations_done}/${p.simulations_total} simulations`), ` · ${p.nodes} nodes`),
+    ];
+    if (s.answer !== null && s.answer !== undefined) items.push(el("p", { text: `Ground truth: ${s.answer}` }));
+    if (s.best) {
+      const verdict = s.best.correct === true ? " (correct)" : s.best.correct === false ? " (incorrect)" : "";
+      items.push(el("p", { class: "best-answer", text: `Best answer: ${s.best.answer ?? "(none)"}${verdict}, value ${fmt(s.best.value)}` }));
+    }
+    items.push(el("p", { text: `Root value ${fmt(s.root_value)}` }));
+    const versions = [...(s.model_versions.policy || []).map((v) => `policy ${v}`), ...(s.model_versions.value || []).map((v) => `value ${v}`)];
+    if (versions.length) items.push(el("p", { class: "muted", text: `Models: ${versions.join(", ")}` }));
+    items.push(el("p", { class: "muted", text: `Created ${when(s.created_at)} · started ${when(s.started_at)} · finished ${when(s.finished_at)}` }));
+    if (s.error) items.push(el("p", { class: "error", text: `Error ${s.error.code}: ${s.error.message}` }));
+    $("search-summary").replaceChildren(...items);
+    $("question").textContent = s.question;
+    if (s.batch_id) {
+      $("batch-link").href = `/ui/batches/${encodeURIComponent(s.batch_id)}`;
+      $("batch-link").hidden = false;
+    }
+  }
+
+  function searchView() {
+    const cancel = $("cancel");
+    const path = `/v1/searches/${encodeURIComponent(itemId)}`;
+    let etag = null;
+    const poller = poll(async () => {
+      const r = await api(path, { etag });
+      if (r.status === 304) return true;
+      etag = r.etag;
+      const s = r.body;
+      searchSummary(s);
+      const tree = (await api(`${path}/tree`)).body;
+      renderTree(tree, s.best ? s.best.node_id : null);
+      const final = FINAL.has(s.status);
+      cancel.hidden = final;
+      body.dataset.status = s.status;
+      return !final;
+    });
+    cancel.addEventListener("click", async () => {
+      cancel.disabled = true;
+      try {
+        await api(`${path}/cancel`, { method: "POST" });
+      } catch (err) {
+        setConnection(String(err.message || err));
+      }
+      cancel.disabled = false;
+      poller.now();
+    });
+  }
+
+  // --- start -------------------------------------------------------------------------------------------------
+  function start() {
+    generation += 1;
+    $("key-panel").hidden = true;
+    $("content").hidden = false;
+    $("forget-key").hidden = false;
+    if (view === "search") searchView();
+    else if (view === "batch") batchView();
+    else indexView();
+  }
+
+  $("key-form").addEventListener("submit", (event) => {
+    event.preventDefault();
+    const key = $("api-key").value.trim();
+    if (!key) return;
+    sessionStorage.setItem(KEY, key);
+    $("api-key").value = "";
+    start();
+  });
+  $("forget-key").addEventListener("click", () => askForKey(""));
+
+  if (apiKey()) start();
+  else askForKey("");
+})();
