@@ -22,7 +22,8 @@ from typing import Any
 
 import redis
 import redis.asyncio as aioredis
-from fastapi import APIRouter, Depends, HTTPException
+from celery import Celery
+from fastapi import APIRouter, Depends, FastAPI, HTTPException
 from pydantic import BaseModel, Field
 
 from cpl.training.config import JobKind
@@ -166,3 +167,16 @@ def create_trainer_router(settings: TrainerSettings, enqueue: Callable[[str], No
         return found
 
     return router
+
+
+def include_trainer_routes(app: FastAPI, celery: Celery) -> bool:
+    """The one line a search app factory needs: mount the trainer routes and register the train task on its
+    Celery app, when the trainer is configured (``CPL_TRAINER_CHECKPOINT_ROOT`` set); returns whether it did."""
+    from services.trainer.tasks import enqueue_training, register_if_configured
+
+    if not register_if_configured(celery):
+        log.info("trainer routes not mounted: CPL_TRAINER_CHECKPOINT_ROOT is not set")
+        return False
+    settings = TrainerSettings()  # type: ignore[call-arg]
+    app.include_router(create_trainer_router(settings, lambda training_id: enqueue_training(celery, training_id)))
+    return True

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 import uuid
 from typing import Any
@@ -215,3 +216,13 @@ def register_train_tasks(app: Celery, settings: TrainerSettings | None = None) -
 
 def enqueue_training(app: Celery, training_id: str) -> None:
     app.send_task(TASK_TRAIN, args=[training_id], queue=TRAIN_QUEUE)
+
+
+def register_if_configured(app: Celery) -> bool:
+    """For the search service's ``create_celery``: register the train task when the trainer is configured
+    (``CPL_TRAINER_CHECKPOINT_ROOT`` set), so ``cpl worker --queues train`` can run it."""
+    if not os.environ.get("CPL_TRAINER_CHECKPOINT_ROOT"):
+        return False
+    if TASK_TRAIN not in app.tasks:
+        register_train_tasks(app, TrainerSettings())  # type: ignore[call-arg]
+    return True

@@ -32,7 +32,8 @@ from services.trainer.settings import TrainerSettings
 from tests.services.conftest import ADMIN_TOKEN, RunningService, _start, _stop
 from tests.training.helpers import sft_rows, states, write_jsonl
 
-pytestmark = pytest.mark.vllm
+# three vLLM engines start in the fixture: on a loaded 2-core machine that alone can take over 15 minutes
+pytestmark = [pytest.mark.vllm, pytest.mark.timeout(2400)]
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 SMALL = {"DTYPE": "float32", "KV_CACHE_MEMORY_BYTES": str(96 << 20), "ENFORCE_EAGER": "true"}
@@ -239,6 +240,47 @@ def test_value_deployment_is_verified_against_transformers(stack):
     deployment = asyncio.run(_deploy(stack.settings, value="value-1"))
     assert deployment.status == "succeeded", deployment.error
     assert stack.value.model_info()["version"] == "value-1"
+
+
+def test_deployment_over_the_api(stack):
+    """POST /v1/deployments answers 202 at once; the deployment runs in the API process; GET follows it."""
+    import threading
+
+    import httpx
+    import uvicorn
+    from fastapi import FastAPI
+
+    from services.common.ports import find_free_port
+    from services.trainer.api import create_trainer_router
+
+    settings = stack.settings.model_copy(update={"operator_keys": ["op"]})
+    app = FastAPI()
+    app.include_router(create_trainer_router(settings, enqueue=lambda training_id: None))
+    port = find_free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        while not server.started:
+            time.sleep(0.05)
+        url, headers = f"http://127.0.0.1:{port}/v1/deployments", {"Authorization": "Bearer op"}
+        body = {"targets": [{"service": "value", "checkpoint": "value-2"}]}
+        created = httpx.post(url, json=body, headers=headers, timeout=30)
+        assert created.status_code == 202, created.text
+        assert created.json()["status"] == "running"
+        deadline = time.monotonic() + 300
+        while (found := httpx.get(f"{url}/{created.json()['id']}", headers=headers, timeout=30).json())[
+            "status"
+        ] == "running":
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        assert found["status"] == "succeeded", found["error"]
+        assert stack.value.model_info()["version"] == "value-2"
+        missing = httpx.post(url, json={"targets": [{"service": "value", "checkpoint": "nope"}]}, headers=headers)
+        assert missing.status_code == 404
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
 
 
 def test_a_service_down_fails_the_deployment_and_leaves_the_other_untouched(stack):
