@@ -41,6 +41,8 @@ from services.stack.client import SearchAPIClient, Target
 from services.stack.demo import demo_problems
 from services.stack.up import REPO_ASSETS, Stack
 
+MAX_MODEL_LEN = 2048  # the policy service's under cpl up (services/stack/up.py)
+
 
 class RecordingProxy:
     """Forwards every request to the policy service and keeps the bodies of ``POST /v1/expand``."""
@@ -126,7 +128,7 @@ def open_llm() -> Any:
     return LLM(
         model=str(REPO_ASSETS / "policy"),
         dtype="float32",
-        max_model_len=2048,
+        max_model_len=MAX_MODEL_LEN,
         kv_cache_memory_bytes=256 << 20,
         enforce_eager=True,
     )
@@ -139,7 +141,7 @@ def replay(llm: Any, expands: list[dict[str, Any]]) -> tuple[float, int, int]:
     prompts, params = [], []
     for body in expands:
         for raw in body["requests"]:
-            payload = completion_payload(ExpandRequest.model_validate(raw), "policy")
+            payload = completion_payload(ExpandRequest.model_validate(raw), "policy", MAX_MODEL_LEN)
             prompts.append(payload["prompt"])
             params.append(
                 SamplingParams(

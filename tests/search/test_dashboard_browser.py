@@ -29,8 +29,14 @@ def browser_type_launch_args(browser_type_launch_args: dict) -> dict:
     }
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _stack_before_the_browser(stack: Stack) -> Stack:
+    """The stack first: its set-up runs asyncio (a warm-up), which cannot run once sync Playwright's loop does."""
+    return stack
+
+
 @pytest.fixture()
-def dash(page: Page, stack: Stack) -> Page:
+def dash(stack: Stack, page: Page) -> Page:
     """A page of the dashboard with the key already typed in."""
     page.set_default_timeout(30_000)
     page.goto(f"{stack.url}/")
@@ -40,7 +46,7 @@ def dash(page: Page, stack: Stack) -> Page:
     return page
 
 
-def test_without_a_key_no_job_data_is_shown(page: Page, stack: Stack) -> None:
+def test_without_a_key_no_job_data_is_shown(stack: Stack, page: Page) -> None:
     with stack.client() as client:
         client.post("/v1/searches", json={"question": "Ann has 3 cats. How many cats does Ann have?", "simulations": 1})
     page.goto(f"{stack.url}/")
