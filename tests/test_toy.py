@@ -381,10 +381,10 @@ few close calls: at most 5 of the 200 problems."""
 @pytest.mark.timeout(1800)  # 200 greedy generations on 2 shared cores
 def test_shipped_model_reaches_the_model_card_accuracy():
     """Re-measure the card's figure on its own held-out sample (the first 200 `arith` test problems)."""
-    from cpl.toy.evaluate import evaluate
+    from cpl.toy.evaluate import evaluate_planner
 
     card = json.loads((ASSETS / "training.json").read_text())["eval"]["arith"]
-    measured = evaluate(POLICY, n=card["n"], threads=2)
+    measured = evaluate_planner(POLICY, n=card["n"], threads=2)
     assert measured["n"] == card["n"] == 200
     assert abs(measured["accuracy"] - card["accuracy"]) <= MODEL_CARD_TOLERANCE, (measured["accuracy"], card)
     assert measured["boxed"] >= card["boxed"] - MODEL_CARD_TOLERANCE
