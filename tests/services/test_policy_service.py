@@ -103,7 +103,8 @@ def test_greedy_expansion_repeats_one_candidate(policy_service):
 
 
 def test_bad_expand_request_is_a_clear_4xx(policy_service):
-    body = {"requests": [{"state": {"question": "q"}, "n": 1, "max_tokens": 100000}]}
+    # A prompt longer than the context (max_tokens alone is clipped to the room left, cpl/completions.py).
+    body = {"requests": [{"state": {"question": "apples " * 6000}, "n": 1, "max_tokens": 16}]}
     response = httpx.post(f"{policy_service.url}/v1/expand", json=body, timeout=60)
     assert response.status_code == 400
     assert "policy service" in response.json()["detail"]
