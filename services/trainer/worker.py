@@ -10,28 +10,18 @@ from __future__ import annotations
 
 from celery import Celery
 
+from services.common.celery import at_least_once_celery
 from services.trainer.settings import TrainerSettings
 from services.trainer.tasks import TRAIN_QUEUE, register_train_tasks
 
 
 def create_train_celery(settings: TrainerSettings) -> Celery:
-    app = Celery("cpl-train", broker=settings.redis_url, set_as_current=False)
-    app.conf.update(
-        task_acks_late=True,
-        task_reject_on_worker_lost=True,
-        worker_prefetch_multiplier=1,
-        task_ignore_result=True,
-        result_backend=None,
-        broker_transport_options={
-            "visibility_timeout": settings.visibility_timeout_s,
-            "global_keyprefix": f"{settings.key_prefix}celery:",
-            "unacked_restore_interval": max(1, min(10, settings.visibility_timeout_s // 4)),
-        },
-        task_default_queue=TRAIN_QUEUE,
-        task_serializer="json",
-        accept_content=["json"],
-        broker_connection_retry_on_startup=True,
-        worker_hijack_root_logger=False,
+    app = at_least_once_celery(
+        "cpl-train",
+        settings.redis_url,
+        visibility_timeout_s=settings.visibility_timeout_s,
+        broker_key_prefix=f"{settings.key_prefix}celery:",
+        default_queue=TRAIN_QUEUE,
         worker_concurrency=1,
     )
     register_train_tasks(app, settings)

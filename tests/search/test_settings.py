@@ -10,7 +10,7 @@ import sys
 import pytest
 from pydantic import ValidationError
 
-from services.search.celery_app import broker_options, create_celery
+from services.search.celery_app import create_celery
 from services.search.settings import SearchSettings
 from tests.services.conftest import REPO
 
@@ -23,7 +23,7 @@ def test_defaults_are_consistent():
     assert app.conf.worker_prefetch_multiplier == 1 and app.conf.task_ignore_result
     # One visibility timeout, given to the broker transport.
     assert app.conf.broker_transport_options["visibility_timeout"] == s.visibility_timeout_s
-    assert broker_options(s)["global_keyprefix"] == "cpl:search:celery:"
+    assert app.conf.broker_transport_options["global_keyprefix"] == "cpl:search:celery:"
 
 
 @pytest.mark.parametrize(
