@@ -245,10 +245,16 @@ def cmd_round(args: argparse.Namespace) -> int:
             _model_dir(path, flag)
     search = search_config(args)
 
-    def overrides(**values: object) -> dict[str, object]:
+    def stage_overrides(prefix: str) -> dict[str, object]:
+        """The ``--{prefix}-epochs/-batch-size/-lr`` and ``--micro-batch-size`` flags that were given."""
+        values = {
+            "epochs": getattr(args, f"{prefix}_epochs"),
+            "batch_size": getattr(args, f"{prefix}_batch_size"),
+            "learning_rate": getattr(args, f"{prefix}_lr"),
+            "micro_batch_size": args.micro_batch_size,
+        }
         return {k: v for k, v in values.items() if v is not None}
 
-    micro = args.micro_batch_size
     try:
         settings = RoundSettings(
             round=args.round,
@@ -261,31 +267,9 @@ def cmd_round(args: argparse.Namespace) -> int:
             dtype=args.dtype,
             marker_bias=args.marker_bias,
             baselines=not args.no_baselines,
-            sft=SFTConfig.round_preset(
-                args.round,
-                **overrides(
-                    epochs=args.sft_epochs,
-                    batch_size=args.sft_batch_size,
-                    learning_rate=args.sft_lr,
-                    micro_batch_size=micro,
-                ),
-            ),
-            preference=PreferenceConfig(
-                **overrides(
-                    epochs=args.apo_epochs,
-                    batch_size=args.apo_batch_size,
-                    learning_rate=args.apo_lr,
-                    micro_batch_size=micro,
-                )
-            ),
-            value=ValueConfig(
-                **overrides(
-                    epochs=args.value_epochs,
-                    batch_size=args.value_batch_size,
-                    learning_rate=args.value_lr,
-                    micro_batch_size=micro,
-                )
-            ),
+            sft=SFTConfig.round_preset(args.round, **stage_overrides("sft")),
+            preference=PreferenceConfig(**stage_overrides("apo")),
+            value=ValueConfig(**stage_overrides("value")),
             eval_max_tokens=args.eval_max_tokens,
             eval_few_shot=args.eval_few_shot,
             seed=args.seed,
