@@ -406,8 +406,10 @@ def supervise_worker(overrides: dict[str, Any]) -> int:
         started = time.monotonic()
         child = subprocess.Popen([sys.executable, "-m", "services.search.main", "worker-child"], env=env)
         code = child.wait()
-        if stopping or code == 0:
+        if stopping:
             return code
+        # Not asked to stop, so any exit is a fault, 0 included: Celery's worker exits 0 after an
+        # "Unrecoverable error" of its broker connection (a Redis restart mid-delivery).
         if time.monotonic() - started > 60:
             delay = 1.0
         log.error("worker process exited; starting it again", extra={"exit_code": code, "delay_s": delay})
