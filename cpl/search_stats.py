@@ -17,7 +17,7 @@ from pathlib import Path
 from pydantic import BaseModel, Field
 
 from cpl.formats import Step, StepKind, display_text
-from cpl.pairs import has_search_value
+from cpl.pairs import DATASETS, has_search_value
 from cpl.tree import Node, Tree
 
 STATS_FILE = "stats.json"
@@ -71,6 +71,34 @@ def compute_stats(trees: Sequence[Tree], counts: Mapping[str, int]) -> SearchSta
         sft=counts.get("sft", 0),
         value=counts.get("value", 0),
     )
+
+
+def dataset_counts(tree: Tree) -> dict[str, int]:
+    """The rows each dataset of `cpl.pairs` makes from one tree (its share of `export_datasets`' counts)."""
+    return {name: len(make(tree)) for name, make in DATASETS.items()}
+
+
+def tree_stats(tree: Tree) -> SearchStats:
+    """Table 1 of one tree, to be combined with others by :func:`merge_stats` (a service keeps one per tree)."""
+    return compute_stats([tree], dataset_counts(tree))
+
+
+def merge_stats(parts: Sequence[SearchStats]) -> SearchStats:
+    """Table 1 of several sets of trees from theirs: what :func:`compute_stats` gives for all the trees at once."""
+    total = {name: sum(getattr(p, name) for p in parts) for name in _SUMMED}
+    # depths are whole steps, so each part's depth sum is an integer: rounding makes the merge exact
+    depth_sum = sum(round((p.avg_depth_correct or 0.0) * p.correct_solutions) for p in parts)
+    positive, negative, correct = total["positive_plan_steps"], total["negative_plan_steps"], total["correct_solutions"]
+    return SearchStats(
+        **total,
+        avg_depth_correct=depth_sum / correct if correct else None,
+        negatives_per_positive=negative / positive if positive else None,
+    )
+
+
+_SUMMED = [
+    name for name in SearchStats.model_fields if name not in ("avg_depth_correct", "negatives_per_positive")
+]
 
 
 def write_stats(out_dir: Path, stats: SearchStats) -> Path:

@@ -5,7 +5,16 @@ from __future__ import annotations
 import json
 
 from cpl.pairs import export_datasets
-from cpl.search_stats import SearchStats, best_path, compute_stats, format_summary, summary_of_run, write_stats
+from cpl.search_stats import (
+    SearchStats,
+    best_path,
+    compute_stats,
+    format_summary,
+    merge_stats,
+    summary_of_run,
+    tree_stats,
+    write_stats,
+)
 from cpl.tree import Tree
 from tests.test_pairs import hand_built_tree
 
@@ -48,3 +57,20 @@ def test_stats_file_and_summary(tmp_path):
     assert "avg depth of correct solutions  2.00" in summary
     assert "plan pairs / solution pairs     1 / 1" in summary
     assert str(tmp_path / "stats.json") in summary
+
+
+def test_per_tree_stats_merge_to_the_stats_of_all_trees(tmp_path):
+    """What the search service does (one Table 1 per finished tree, merged per batch) equals library mode's."""
+    hand = hand_built_tree()
+    other = hand.model_copy(deep=True, update={"id": "other"})
+    for node in other.nodes:  # a second tree with other values: one correct solution less, depths differ
+        if node.correct:
+            node.correct, node.V, node.reward = False, -1.0, -1.0
+            break
+    empty = Tree.new("empty", "Q?", "1", hand.config)
+    trees = [hand, other, empty]
+    expected = compute_stats(trees, export_datasets(trees, tmp_path))
+    assert merge_stats([tree_stats(t) for t in trees]) == expected
+    assert merge_stats([tree_stats(hand)]) == tree_stats(hand)
+    assert expected.correct_solutions == 3 and expected.trees == 3
+    assert merge_stats([]) == compute_stats([], {})

@@ -275,7 +275,8 @@ class SearchAPI:
             id=batch_id,
             total=int(data["total"]),
             counts=counts,
-            done=all(r.status.final for r in records),
+            # Every search of the batch exists and is final (not "all of none" while the batch is being created).
+            done=len(records) == int(data["total"]) and all(r.status.final for r in records),
             accuracy=correct / len(graded) if graded else None,
             graded=len(graded),
             stats=table_stats(finished),

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from cpl.formats import StepKind
-from cpl.pairs import plan_pairs, solution_pairs
+from cpl.search_stats import SearchStats, merge_stats
 from cpl.tree import Node, Tree
-from services.search.schemas import BestAnswer, Progress, SearchRecord, TableStats, TreeStats
+from services.search.schemas import BestAnswer, Progress, SearchRecord
 
 
 def best_solution(tree: Tree) -> Node | None:
@@ -51,31 +51,7 @@ def with_tree(record: SearchRecord, tree: Tree, value_versions: set[str]) -> Sea
     )
 
 
-def tree_stats(tree: Tree) -> TreeStats:
-    """Table 1 counts of one tree; pairs are counted by :mod:`cpl.pairs`, as the exports make them."""
-    solutions = [n for n in tree.nodes if n.kind is StepKind.SOLUTION and n.correct is not None]
-    correct = [n for n in solutions if n.correct]
-    return TreeStats(
-        correct_solutions=len(correct),
-        incorrect_solutions=len(solutions) - len(correct),
-        correct_depth_sum=sum(n.depth for n in correct),
-        plan_pairs=len(plan_pairs(tree)),
-        solution_pairs=len(solution_pairs(tree)),
-    )
-
-
-def table_stats(records: list[SearchRecord]) -> TableStats:
-    """The paper's Table 1 over finished trees: average depth of correct solutions, positive:negative solution
-    steps, plan pairs, solution pairs."""
-    stats = [r.tree_stats for r in records if r.tree_stats is not None]
-    positive = sum(s.correct_solutions for s in stats)
-    negative = sum(s.incorrect_solutions for s in stats)
-    return TableStats(
-        trees=len(stats),
-        avg_depth=sum(s.correct_depth_sum for s in stats) / positive if positive else None,
-        positive=positive,
-        negative=negative,
-        pos_neg_ratio=f"1:{negative / positive:.2f}" if positive else None,
-        plan_pairs=sum(s.plan_pairs for s in stats),
-        solution_pairs=sum(s.solution_pairs for s in stats),
-    )
+def table_stats(records: list[SearchRecord]) -> SearchStats:
+    """The paper's Table 1 over the finished trees of ``records``: each record keeps its tree's
+    (:func:`cpl.search_stats.tree_stats`), merged exactly as library mode computes it over the same trees."""
+    return merge_stats([r.tree_stats for r in records if r.tree_stats is not None])

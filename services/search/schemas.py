@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from cpl.config import PriorMode
 from cpl.formats import PromptFormat
+from cpl.search_stats import SearchStats
 
 
 class SearchStatus(StrEnum):
@@ -91,16 +92,6 @@ class ModelVersions(BaseModel):
     value: list[str] = Field(default_factory=list)
 
 
-class TreeStats(BaseModel):
-    """What one finished tree adds to its batch's Table 1 (computed once, when the search ends)."""
-
-    correct_solutions: int
-    incorrect_solutions: int
-    correct_depth_sum: int
-    plan_pairs: int
-    solution_pairs: int
-
-
 class SearchRecord(BaseModel):
     """``GET /v1/searches/{id}``: the search as the store holds it."""
 
@@ -117,7 +108,7 @@ class SearchRecord(BaseModel):
     batch_id: str | None = None
     problem_id: str | None = Field(default=None, description="the problem's id in its batch (its file's `id`)")
     request_id: str | None = None
-    tree_stats: TreeStats | None = Field(default=None, description="Table 1 counts of the finished tree")
+    tree_stats: SearchStats | None = Field(default=None, description="Table 1 of the finished tree")
     created_at: datetime
     started_at: datetime | None = None
     finished_at: datetime | None = None
@@ -150,18 +141,6 @@ class BatchCreate(BaseModel):
     request_id: str | None = Field(default=None, min_length=1, max_length=200)
 
 
-class TableStats(BaseModel):
-    """The paper's Table 1 over the batch's finished trees."""
-
-    trees: int
-    avg_depth: float | None = Field(description="average depth of the correct solutions")
-    positive: int = Field(description="correct solution steps")
-    negative: int = Field(description="incorrect solution steps")
-    pos_neg_ratio: str | None = Field(description="1:x, as in the paper")
-    plan_pairs: int
-    solution_pairs: int
-
-
 class BatchRecord(BaseModel):
     id: str
     total: int
@@ -169,7 +148,7 @@ class BatchRecord(BaseModel):
     done: bool = Field(description="every search of the batch is final")
     accuracy: float | None = Field(description="share of finished searches with a known answer whose best is correct")
     graded: int = Field(description="finished searches with a known answer")
-    stats: TableStats
+    stats: SearchStats = Field(description="the paper's Table 1 over the finished trees (as cpl search reports it)")
     config: dict
     request_id: str | None = None
     created_at: datetime

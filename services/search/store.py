@@ -20,9 +20,9 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
+from cpl.search_stats import tree_stats
 from cpl.tree import Tree
 from services.search.keys import Keys
-from services.search.records import tree_stats
 from services.search.schemas import FINAL, SearchRecord, SearchStatus
 
 # KEYS: search hash, tree, events.  ARGV: fence ('' = the API, unfenced), record JSON, status, tree bytes ('' =

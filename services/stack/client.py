@@ -17,6 +17,7 @@ from typing import Any
 import httpx
 from tqdm import tqdm
 
+from cpl.search_stats import SearchStats, format_table1
 from services.stack.up import STATE_FILE
 
 DEFAULT_URL = "http://127.0.0.1:8003"
@@ -170,18 +171,6 @@ class SearchAPIClient:
         return rows
 
 
-def format_table1(stats: dict[str, Any]) -> list[str]:
-    """The paper's Table 1 over the batch's finished trees, as lines."""
-    avg = stats.get("avg_depth")
-    return [
-        f"Table 1 over {stats['trees']} trees:",
-        f"  average depth of correct solutions  {'-' if avg is None else f'{avg:.2f}'}",
-        f"  positive : negative solution steps  {stats['positive']} : {stats['negative']}"
-        f" ({stats.get('pos_neg_ratio') or '-'})",
-        f"  plan pairs {stats['plan_pairs']}, solution pairs {stats['solution_pairs']}",
-    ]
-
-
 def format_batch(batch: dict[str, Any]) -> list[str]:
     counts = ", ".join(f"{k} {v}" for k, v in batch["counts"].items() if v)
     accuracy = (
@@ -189,7 +178,8 @@ def format_batch(batch: dict[str, Any]) -> list[str]:
         if batch.get("accuracy") is not None
         else "accuracy: nothing graded"
     )
-    return [f"batch {batch['id']}: {batch['total']} searches ({counts}); {accuracy}", *format_table1(batch["stats"])]
+    table1 = format_table1(SearchStats.model_validate(batch["stats"]))
+    return [f"batch {batch['id']}: {batch['total']} searches ({counts}); {accuracy}", table1]
 
 
 def format_best_plans(searches: list[dict[str, Any]], width: int = 110) -> list[str]:

@@ -226,13 +226,14 @@
       );
       const st = b.stats;
       const rows = [
-        ["Trees", st.trees],
-        ["Average depth of correct solutions", fmt(st.avg_depth)],
-        ["Positive (correct) solution steps", st.positive],
-        ["Negative (incorrect) solution steps", st.negative],
-        ["Positive:negative", st.pos_neg_ratio ?? "–"],
+        ["Trees (solved)", `${st.trees} (${st.solved_trees})`],
+        ["Average depth of correct solutions", fmt(st.avg_depth_correct)],
+        ["Positive:negative plan steps", st.negatives_per_positive == null ? "–" : `1:${fmt(st.negatives_per_positive)}`],
+        ["Plan steps with V > 0 / V < 0", `${st.positive_plan_steps} / ${st.negative_plan_steps}`],
+        ["Correct / wrong solution steps", `${st.correct_solutions} / ${st.incorrect_solutions}`],
         ["Plan pairs", st.plan_pairs],
         ["Solution pairs", st.solution_pairs],
+        ["SFT rows / value rows", `${st.sft} / ${st.value}`],
       ];
       $("batch-stats")
         .querySelector("tbody")
