@@ -170,12 +170,15 @@ def run_serve(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """The ``cpl`` console script: the library's commands plus ``cpl serve``, ``cpl worker``, the evaluations
-    over HTTP (``cpl eval --policy-url``, ``cpl eval-ood``) and the stack (``cpl up``, ``submit``, ``export``)."""
+    over HTTP (``cpl eval --policy-url``, ``cpl eval-ood``), the stack (``cpl up``, ``submit``, ``export``) and its
+    rounds (``cpl round --api``)."""
     from cpl.cli import main as cpl_main
     from services.policy.evaluation import add_eval_commands
     from services.stack.cli import add_stack_parsers
+    from services.trainer.round_cli import add_round_api
 
-    return cpl_main(argv, extensions=[add_serve_parser, add_worker_parser, add_eval_commands, add_stack_parsers])
+    extensions = [add_serve_parser, add_worker_parser, add_eval_commands, add_stack_parsers, add_round_api]
+    return cpl_main(argv, extensions=extensions)
 
 
 if __name__ == "__main__":
