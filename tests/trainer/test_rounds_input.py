@@ -127,3 +127,28 @@ def test_a_round_is_queued_once_listed_and_cancelled(env: Env) -> None:
     assert again.status_code == 409
     assert env.client.get("/v1/rounds/nope..", headers=headers).status_code == 404
     assert env.client.get("/v1/rounds/unknown", headers=headers).status_code == 404
+
+
+def test_cpl_round_api_flags_become_the_request(tmp_path) -> None:
+    from cpl.cli import build_parser
+    from cpl.toy import world
+    from services.trainer.round_cli import add_round_api, round_body
+
+    train = world.write_gsm8k_jsonl(world.generate("arith", 3, seed=1, split="train"), tmp_path / "train.jsonl")
+    parser = build_parser([add_round_api])
+    argv = ["round", "--api", "http://x", "--input", str(train), "--rounds", "2", "--simulations", "12"]
+    argv += ["--sft-epochs", "1", "--apo-lr", "1e-5", "--micro-batch-size", "4", "--no-few-shot", "--limit", "2"]
+    args = parser.parse_args(argv)
+    body = round_body(args)
+    assert body["rounds"] == 2 and body["simulations"] == [12] and len(body["problems"]) == 2
+    assert all(p["answer"] for p in body["problems"])
+    assert body["search_settings"] == {"few_shot": False}
+    assert body["training"] == {
+        "sft": {"epochs": 1, "micro_batch_size": 4},
+        "step-apo": {"learning_rate": 1e-5, "micro_batch_size": 4},
+        "step-dpo": {"learning_rate": 1e-5, "micro_batch_size": 4},
+        "value": {"micro_batch_size": 4},
+    }
+    # without --api it is the library's round, which needs --base and --run-dir
+    library = parser.parse_args(["round", "--input", str(train)])
+    assert library.func(library) == 2
