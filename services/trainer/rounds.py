@@ -45,7 +45,7 @@ ROUNDS_DIR = ".rounds"
 EXPORTS = ("sft", "plan_pairs", "solution_pairs", "value")
 RoundStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 ROUND_FINAL: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
-StageStatus = Literal["pending", "running", "done", "skipped", "failed"]
+StageStatus = Literal["pending", "running", "done", "skipped", "failed", "cancelled"]
 
 
 class RoundProblem(BaseModel):
@@ -245,6 +245,9 @@ class RoundDriver:
                 except StageFailed as exc:
                     entry.status, entry.error, entry.finished_at = "failed", str(exc), now()
                     raise
+                except RoundCancelled:
+                    entry.status, entry.finished_at = "cancelled", now()
+                    raise
                 if isinstance(outcome, str):
                     entry.status, entry.reason = "skipped", outcome
                 else:
@@ -285,6 +288,8 @@ class RoundDriver:
             problems = [ProblemIn(question=p.question, answer=p.answer, id=p.id) for p in spec.problems]
             # the idempotency key makes a resumed driver find the batch it had created, not queue a second one
             batch_id, _ = await api.create_batch(problems, config, request_id=f"round-{self.record.id}-{round_number}")
+            self.record.entry(round_number, "search").outputs = {"batch_id": batch_id}  # followed from the start
+            self.save()
             while True:
                 batch = await api.batch_record(batch_id)
                 if batch.done:

@@ -285,3 +285,37 @@ def test_a_killed_worker_resumes_the_round_at_the_stage_it_had_reached(round_sta
     assert after[1, killed_in]["status"] == "done"
     assert after[1, killed_in]["outputs"]["training_id"] == f"{round_id}-r1-{killed_in.replace('_', '-')}"
     assert all(e["status"] == "done" for e in after.values()), after
+
+
+def test_cancelling_a_running_round_stops_its_search_and_runs_nothing_further(round_stack: RoundStack) -> None:
+    s = round_stack
+    problems = [{"id": f"c{i}", "question": p.question, "answer": str(p.answer)} for i, p in enumerate(demo_problems())]
+    headers = {"Authorization": f"Bearer {OPERATOR}"}
+    reply = httpx.post(
+        f"{s.api.url}/v1/rounds", json={"problems": problems, "simulations": [400]}, headers=headers, timeout=30
+    )
+    assert reply.status_code == 202, reply.text
+    round_id = reply.json()["id"]
+    deadline = time.monotonic() + 600
+    while "batch_id" not in (record := s.get(f"/v1/rounds/{round_id}"))["stages"][0]["outputs"]:
+        assert time.monotonic() < deadline, f"the round's search never started\n{s.logs()}"
+        time.sleep(0.2)
+    cancel = httpx.post(f"{s.api.url}/v1/rounds/{round_id}/cancel", headers=headers, timeout=30)
+    assert cancel.status_code == 202 and cancel.json()["cancel_requested"]
+    deadline = time.monotonic() + 300
+    while (record := s.get(f"/v1/rounds/{round_id}"))["status"] != "cancelled":
+        assert record["status"] == "running", record
+        assert time.monotonic() < deadline, f"the round was not cancelled\n{s.logs()}"
+        time.sleep(0.5)
+    assert record["stages"][0]["status"] == "cancelled"
+    assert [e["status"] for e in record["stages"][1:]] == ["pending"] * (len(record["stages"]) - 1)
+    # the round's batch is cancelled with it: its searches stop between simulations
+    batch_id = record["stages"][0]["outputs"]["batch_id"]
+    search_headers = {"Authorization": f"Bearer {API_KEY}"}
+    while not (batch := httpx.get(f"{s.api.url}/v1/batches/{batch_id}", headers=search_headers, timeout=30).json())[
+        "done"
+    ]:
+        assert time.monotonic() < deadline, batch
+        time.sleep(0.5)
+    assert batch["counts"]["cancelled"] == 3, batch
+    assert httpx.post(f"{s.api.url}/v1/rounds/{round_id}/cancel", headers=headers, timeout=30).status_code == 409
