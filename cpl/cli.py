@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import sys
+import tempfile
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -16,6 +17,7 @@ from pydantic import ValidationError
 
 from cpl.cli_fields import FieldFlag, add_field_flags, given_fields
 from cpl.config import SearchConfig
+from cpl.engines.vllm_offline import ENGINE_LOG_ENV
 from cpl.formats import PromptFormat
 from cpl.problems import Problem
 
@@ -389,6 +391,8 @@ def main(argv: list[str] | None = None, extensions: Sequence[Extension] = ()) ->
         # Library deprecation notices (torch, vLLM) in this process and in vLLM's engine children.
         os.environ.setdefault("PYTHONWARNINGS", "ignore")
         warnings.simplefilter("ignore")
+        # What is left (C++ warnings, loading bars of the engine's children) goes to a log, not the terminal.
+        os.environ.setdefault(ENGINE_LOG_ENV, str(Path(tempfile.gettempdir()) / f"cpl-vllm-{os.getpid()}.log"))
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         format='{"time": "%(asctime)s", "level": "%(levelname)s", "logger": "%(name)s", "message": "%(message)s"}',

@@ -138,8 +138,7 @@ def main() -> int:
         progress=False,
     )
 
-    def expect_runtime(manifest: dict) -> str:
-        rt = manifest["runtime"]
+    def expect_runtime(rt: dict) -> str:
         want = {"precision": "fp32" if cpu else "bf16", "attn_implementation": expect_attn}
         want |= {"deepspeed": expect_ds, "zero_stage": 2 if expect_ds else None}
         got = {k: rt[k] for k in want}
@@ -205,7 +204,7 @@ def main() -> int:
         m = result.metrics
         mem = f", peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" if not cpu else ""
         return (
-            f"{expect_runtime(result.manifest)}, loss {loss:.4f}, max |dW| {moved:.2e}, "
+            f"{expect_runtime(result.manifest.runtime)}, loss {loss:.4f}, max |dW| {moved:.2e}, "
             f"{m['tokens_per_second']:.0f} tokens/s{mem}"
         )
 
@@ -217,7 +216,7 @@ def main() -> int:
         if not math.isfinite(loss):
             raise AssertionError(f"loss {loss}")
         load_on_cpu(result.out_dir, "causal")
-        return f"{expect_runtime(result.manifest)}, loss {loss:.4f}"
+        return f"{expect_runtime(result.manifest.runtime)}, loss {loss:.4f}"
 
     @check("value step + checkpoint scores like transformers_values")
     def value() -> str:
@@ -237,7 +236,7 @@ def main() -> int:
         diff = max(abs(a - b) for a, b in zip(ours, ref, strict=True))
         if diff > 1e-4:
             raise AssertionError(f"batched values differ from transformers_values by {diff}")
-        return f"{expect_runtime(result.manifest)}, loss {loss:.4f}, values {[round(v, 3) for v in ref]}"
+        return f"{expect_runtime(result.manifest.runtime)}, loss {loss:.4f}, values {[round(v, 3) for v in ref]}"
 
     @check("vLLM not imported")
     def no_vllm() -> str:

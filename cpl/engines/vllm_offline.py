@@ -25,11 +25,13 @@ returns ``V = tanh(logit)``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import os
+import sys
 import threading
 import weakref
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Generic, TypeVar
@@ -177,6 +179,36 @@ def shutdown_llm(llm: Any) -> None:
         core.shutdown()
 
 
+# Where an engine's start-up output goes instead of the terminal (set by `cpl` unless --verbose).
+ENGINE_LOG_ENV = "CPL_ENGINE_LOG"
+
+
+@contextlib.contextmanager
+def engine_output_to(path: str | None) -> Iterator[None]:
+    """Send file descriptor 2 to ``path`` while an engine starts: its children (EngineCore, workers) inherit it for
+    their lifetime, so their warnings and loading bars, written by C++ and subprocesses as well as Python, stay
+    out of the terminal. On a failed start the log's tail is shown, so the reason is not lost."""
+    if not path:
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(path, "ab") as log:
+        os.dup2(log.fileno(), 2)
+    try:
+        yield
+    except BaseException:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        tail = Path(path).read_text(errors="replace")[-4000:]
+        print(f"vLLM's output while the engine started ({path}):\n{tail}", file=sys.stderr)
+        raise
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 class _InProcessLLM:
     """What the policy and the value model share: the LLM object, its tokenizer, batching and shutdown."""
 
@@ -190,7 +222,8 @@ class _InProcessLLM:
 
         self.model_dir = Path(model_dir)
         self.model_version = model_version or self.model_dir.name
-        self._llm = LLM(model=str(self.model_dir), **llm_kwargs)
+        with engine_output_to(os.environ.get(ENGINE_LOG_ENV)):
+            self._llm = LLM(model=str(self.model_dir), **llm_kwargs)
         self.max_model_len = self._llm.llm_engine.model_config.max_model_len
 
     def _tokenize(self, texts: list[str]) -> list[list[int]]:

@@ -59,7 +59,7 @@ def save_checkpoint(
     manifest: dict[str, Any],
     history: list[dict[str, Any]] | None = None,
     overwrite: bool = False,
-) -> dict[str, Any]:
+) -> Manifest:
     """Write ``model`` (a transformers model) + tokenizer + manifest to ``out_dir`` atomically.
 
     Returns the manifest as written (with ``checkpoint_id`` and ``created_at`` added)."""
@@ -79,7 +79,8 @@ def save_checkpoint(
             "created_at": datetime.now(UTC).isoformat(),
             **manifest,
         }
-        Manifest.model_validate(full)  # the contract between trainer and servers holds before anything is written
+        # the contract between trainer and servers holds before anything is written
+        typed = Manifest.model_validate(full)
         (tmp / MANIFEST).write_text(json.dumps(full, indent=2, default=str) + "\n")
         if history is not None:
             with (tmp / TRAIN_LOG).open("w") as f:
@@ -91,7 +92,7 @@ def save_checkpoint(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return full
+    return typed
 
 
 def _clean_config(path: Path) -> None:

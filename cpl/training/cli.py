@@ -143,7 +143,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         "first_step_loss": metrics["first_step_loss"],
         "final_step_loss": metrics["final_step_loss"],
         "tokens_per_second": metrics["tokens_per_second"],
-        "dropped_too_long": result.manifest["dataset"]["dropped_too_long"],
+        "dropped_too_long": result.manifest.dataset.dropped_too_long,
     }
     print(json.dumps(summary))
     return 0

@@ -13,10 +13,8 @@ import torch
 
 from cpl.training.checkpoint import lineage
 from cpl.training.config import TrainConfig
-from cpl.training.data import (
-    DataFile,
-    TrainingInputError,
-)
+from cpl.training.data import DataFile, TrainingInputError
+from cpl.training.manifest import Manifest
 from cpl.training.runtime import Runtime, TrainableModel
 
 log = logging.getLogger(__name__)
@@ -27,12 +25,12 @@ class TrainResult:
     """What a job returns: where the checkpoint is, its manifest and the per-step log."""
 
     out_dir: Path
-    manifest: dict[str, Any]
+    manifest: Manifest
     history: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def metrics(self) -> dict[str, Any]:
-        return self.manifest["metrics"]
+        return self.manifest.metrics
 
 
 def library_versions() -> dict[str, str]:

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 import redis
 import redis.asyncio as aioredis
+from pydantic import SecretStr
 
 from cpl.protocols import ExpandRequest, State
 from services.policy.client import PolicyClient
@@ -253,7 +254,7 @@ def test_deployment_over_the_api(stack):
     from services.common.ports import find_free_port
     from services.trainer.api import create_trainer_router
 
-    settings = stack.settings.model_copy(update={"operator_keys": ["op"]})
+    settings = stack.settings.model_copy(update={"operator_keys": [SecretStr("op")]})
     app = FastAPI()
     app.include_router(create_trainer_router(settings, enqueue=lambda training_id: None))
     port = find_free_port()

@@ -29,7 +29,7 @@ def test_sft_lowers_the_response_loss(policy_dir, tmp_path):
     # the job's own first-step loss is the same quantity, measured on the first batch before any update
     assert result.history[0]["loss"] > result.history[-1]["loss"]
     assert result.metrics["steps"] == 8
-    assert result.manifest["kind"] == "sft"
+    assert result.manifest.kind == "sft"
 
 
 def test_prompt_tokens_carry_no_loss(policy_dir):

@@ -58,7 +58,7 @@ def test_step_apo_widens_margins_more_for_larger_advantages(policy_dir, tmp_path
     assert a1 > 1.05 * a2, (a1, a2)  # measured: ~1.16x
     assert b2 > 1.3 * b1, (b1, b2)  # measured: ~2.0x
     assert run1.metrics["final_epoch"]["accuracy"] == 1.0
-    assert run1.manifest["kind"] == "step-apo"
+    assert run1.manifest.kind == "step-apo"
 
 
 def test_reference_is_the_starting_model_and_loss_is_eq12(policy_dir, tmp_path):
@@ -75,7 +75,7 @@ def test_reference_is_the_starting_model_and_loss_is_eq12(policy_dir, tmp_path):
     expected = step_apo_loss(zeros, zeros, zeros, zeros, values[:, 0], values[:, 1], beta=0.3).mean()
     assert result.history[0]["loss"] == pytest.approx(float(expected), abs=1e-5)
     assert result.history[0]["margin"] == pytest.approx(0.0, abs=1e-4)
-    assert result.manifest["reference_model"] == str(policy_dir.resolve())
+    assert result.manifest.reference_model == str(policy_dir.resolve())
 
 
 def test_step_dpo_ignores_values(policy_dir, tmp_path):

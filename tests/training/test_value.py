@@ -65,8 +65,8 @@ def test_value_job_continues_from_a_value_checkpoint(trained, tmp_path):
     data = write_jsonl(tmp_path / "more.jsonl", [{"text": t, "value": v} for t, v in held_out])
     config = ValueConfig(learning_rate=1e-12, epochs=1, batch_size=10, progress=False)
     again = train_value(result.out_dir, [data], tmp_path / "ckpt", config)
-    assert again.manifest["parent_checkpoint"]["checkpoint_id"] == result.manifest["checkpoint_id"]
-    assert again.manifest["base_model"] == result.manifest["base_model"]
+    assert again.manifest.parent_checkpoint.checkpoint_id == result.manifest.checkpoint_id
+    assert again.manifest.base_model == result.manifest.base_model
     # lr ~0: the first step's loss is the held-out MSE of the loaded checkpoint
     assert again.history[0]["loss"] == pytest.approx(_mse(result.out_dir, held_out), abs=1e-4)
 
