@@ -60,9 +60,7 @@ def dpo_loss(
     )
 
 
-def scale_solution_values(
-    values: Tensor, is_solution: Tensor, factor: float = SOLUTION_VALUE_SCALE
-) -> Tensor:
+def scale_solution_values(values: Tensor, is_solution: Tensor, factor: float = SOLUTION_VALUE_SCALE) -> Tensor:
     """Multiply the values of solution-step pairs (``is_solution`` true) by ``factor`` (paper §4.1)."""
     return torch.where(is_solution.bool(), values * factor, values)
 
@@ -73,7 +71,5 @@ def value_mse_loss(predicted: Tensor, target: Tensor) -> Tensor:
     Shapes must match exactly: a ``[B, 1]`` head output against ``[B]`` targets would silently broadcast.
     """
     if predicted.shape != target.shape:
-        raise ValueError(
-            f"shape mismatch: predicted {tuple(predicted.shape)} vs target {tuple(target.shape)}"
-        )
+        raise ValueError(f"shape mismatch: predicted {tuple(predicted.shape)} vs target {tuple(target.shape)}")
     return F.mse_loss(predicted, target.to(predicted.dtype))

@@ -106,6 +106,40 @@ def previous_models(previous: Path) -> tuple[tuple[Path, str], tuple[Path, str]]
     return policy, (value, "previous:value")
 
 
+class TrainingStep(BaseModel):
+    """One training stage of a round, as any runner (this module's :class:`Round`, the stack's round driver) must
+    order and start it: ``start`` is ``base``, ``stage:<name>`` (this round's checkpoint of that stage, the base
+    when it was skipped) or ``previous:value`` (the previous round's value model, the base value in round 1)."""
+
+    stage: str
+    kind: str = Field(description="the job kind (cpl.training.config.JobKind)")
+    start: str
+    datasets: tuple[str, ...] = Field(description="the search's datasets it reads (cpl.pairs.DATASETS names)")
+
+
+def training_steps(round_number: int, baselines: bool) -> list[TrainingStep]:
+    """The training stages of a round, in order (paper §4.1; docs/decisions/004-round-2-value-init.md): every
+    round's policy is trained from the *base* model (SFT), Step-APO (and the Step-DPO baseline) start from that
+    SFT model, which is also their reference; the value model continues from the one that searched the round."""
+    if round_number < 1:
+        raise RoundSettingsError(f"round numbers start at 1, got {round_number}")
+    pairs = ("plan_pairs", "solution_pairs")
+    steps = [
+        TrainingStep(stage="sft", kind="sft", start="base", datasets=("sft",)),
+        TrainingStep(stage="step_apo", kind="step-apo", start="stage:sft", datasets=pairs),
+    ]
+    if baselines:
+        steps.append(TrainingStep(stage="step_dpo", kind="step-dpo", start="stage:sft", datasets=pairs))
+    value_start = "base" if round_number == 1 else "previous:value"
+    steps.append(TrainingStep(stage="value", kind="value", start=value_start, datasets=("value",)))
+    return steps
+
+
+def final_policy_stage(done: set[str]) -> str | None:
+    """The policy a round hands on (deployed, searched with next round): Step-APO, else SFT, else none."""
+    return next((s for s in ("step_apo", "sft") if s in done), None)
+
+
 class StageRecord(BaseModel):
     stage: str
     status: str = Field(description="done | skipped")

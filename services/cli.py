@@ -96,11 +96,18 @@ def add_worker_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add ``worker``: a Celery worker process of the search service."""
     p = subparsers.add_parser(
         "worker",
-        help="run a search worker (Celery, threads pool) building trees against the policy and value services",
-        description="A search worker. Settings not given as flags come from CPL_SEARCH_* environment variables.",
+        help="run a worker: searches (Celery, threads pool) and/or trainings and rounds (--queues train)",
+        description="A search and/or train worker. Settings not given as flags come from CPL_SEARCH_* (and, for "
+        "the train queue, CPL_TRAINER_*) environment variables.",
     )
     p.add_argument(
         "--concurrency", dest="worker_concurrency", type=int, default=None, help="trees searched at once (default 64)"
+    )
+    p.add_argument(
+        "--queues",
+        default="search",
+        help="comma-separated queues to consume: search (threads pool), train (trainings and rounds, one at a "
+        "time; needs CPL_TRAINER_* settings). `search,train` runs one worker process for each (default search)",
     )
     _add_search_options(p)
     p.set_defaults(func=run_worker)
@@ -121,11 +128,19 @@ def run_worker(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     from services.search.main import work
+    from services.search.worker import parse_queues
 
     try:
-        return work(**_search_overrides(args))
+        queues = parse_queues(args.queues)
+    except ValueError as exc:
+        print(f"cpl: {exc}", file=sys.stderr)
+        return 2
+    try:
+        return work(queues, **_search_overrides(args))
     except ValidationError as exc:
-        return _settings_error(exc)
+        # the train queue also reads CPL_TRAINER_* (the title names the settings class that refused)
+        print(f"cpl: invalid settings: {exc}", file=sys.stderr)
+        return 2
 
 
 def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
@@ -155,12 +170,15 @@ def run_serve(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """The ``cpl`` console script: the library's commands plus ``cpl serve``, ``cpl worker``, the evaluations
-    over HTTP (``cpl eval --policy-url``, ``cpl eval-ood``) and the stack (``cpl up``, ``submit``, ``export``)."""
+    over HTTP (``cpl eval --policy-url``, ``cpl eval-ood``), the stack (``cpl up``, ``submit``, ``export``) and its
+    rounds (``cpl round --api``)."""
     from cpl.cli import main as cpl_main
     from services.policy.evaluation import add_eval_commands
     from services.stack.cli import add_stack_parsers
+    from services.trainer.round_cli import add_round_api
 
-    return cpl_main(argv, extensions=[add_serve_parser, add_worker_parser, add_eval_commands, add_stack_parsers])
+    extensions = [add_serve_parser, add_worker_parser, add_eval_commands, add_stack_parsers, add_round_api]
+    return cpl_main(argv, extensions=extensions)
 
 
 if __name__ == "__main__":

@@ -54,6 +54,7 @@ from services.search.schemas import (
 from services.search.settings import SearchSettings
 from services.search.store import SearchStore, StoredSearch
 from services.search.worker import redis_client
+from services.trainer.api import include_trainer_routes
 from services.value.client import ValueClient
 
 log = logging.getLogger(__name__)
@@ -569,6 +570,8 @@ def create_search_app(settings: SearchSettings | None = None) -> FastAPI:
         )
 
     app.include_router(v1)
+    # trainings, deployments and rounds (services/trainer), when CPL_TRAINER_CHECKPOINT_ROOT is set
+    include_trainer_routes(app, api.celery)
     app.include_router(dashboard_router())  # the dashboard at / (services/search/dashboard)
     return app
 

@@ -3,6 +3,7 @@ Settings come from ``CPL_SEARCH_*`` environment variables; keyword arguments ove
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from services.common.serve import run_app
@@ -15,26 +16,31 @@ def serve(**overrides: Any) -> None:
     run_app("search", SearchSettings(**overrides), create_search_app)
 
 
-def work(**overrides: Any) -> int:
-    """``cpl worker``: check the settings, then run the worker under a supervisor that restarts it."""
+def work(queues: Sequence[str] = ("search",), **overrides: Any) -> int:
+    """``cpl worker [--queues search,train]``: check the settings, then run one worker per queue under a
+    supervisor that restarts them."""
     from services.common.logging import configure_logging
     from services.search.worker import supervise_worker
 
     settings = SearchSettings(**overrides)
     configure_logging(settings.log_level, settings.log_format, service="search-worker")
-    return supervise_worker(overrides)
+    if "train" in queues:
+        from services.trainer.settings import TrainerSettings
+
+        TrainerSettings()  # type: ignore[call-arg]  # refused here (exit 2) rather than in a restarting child
+    return supervise_worker(overrides, queues)
 
 
-def work_child() -> None:
+def work_child(queue: str = "search") -> None:
     from services.search.worker import run_worker
 
-    run_worker(SearchSettings())
+    run_worker(SearchSettings(), queue)
 
 
 if __name__ == "__main__":
     import sys
 
-    if sys.argv[1:] == ["worker-child"]:
-        work_child()
+    if sys.argv[1:2] == ["worker-child"]:
+        work_child(*sys.argv[2:3])
     else:
         serve()

@@ -375,14 +375,26 @@ def create_worker_app(settings: SearchSettings) -> Celery:
 
 
 CHILD_ENV = "CPL_SEARCH_WORKER_CHILD"
+QUEUES = ("search", "train")
 
 
-def supervise_worker(overrides: dict[str, Any]) -> int:
-    """``cpl worker``: run the Celery worker in a child process and start it again when it dies.
+def parse_queues(value: str) -> list[str]:
+    """``--queues search,train`` → ``["search", "train"]``; an unknown name is a ValueError with the choices."""
+    names = [q.strip() for q in value.split(",") if q.strip()]
+    unknown = [q for q in names if q not in QUEUES]
+    if not names or unknown:
+        raise ValueError(f"--queues takes a comma-separated list of {', '.join(QUEUES)} (got {value!r})")
+    return list(dict.fromkeys(names))
 
-    Celery's consumer can exit on a broker connection lost mid-delivery (kombu's restore of unacknowledged
-    messages fails while Redis is away: "Unrecoverable error"), so a restarting Redis would otherwise take the
-    worker down for good. SIGTERM / SIGINT are passed on to the child and end the supervisor.
+
+def supervise_worker(overrides: dict[str, Any], queues: Sequence[str] = ("search",)) -> int:
+    """``cpl worker``: run one Celery worker child per queue and start each again when it dies.
+
+    The search queue's child runs a threads pool (many trees at once); the train queue's child runs the solo pool,
+    one job at a time (one GPU, one training). Celery's consumer can exit on a broker connection lost
+    mid-delivery (kombu's restore of unacknowledged messages fails while Redis is away: "Unrecoverable error"),
+    so a restarting Redis would otherwise take the worker down for good. SIGTERM / SIGINT are passed on to the
+    children and end the supervisor once they have exited.
     """
     import signal
     import subprocess
@@ -391,44 +403,80 @@ def supervise_worker(overrides: dict[str, Any]) -> int:
     env = {**os.environ, CHILD_ENV: "1"}
     env.update({f"CPL_SEARCH_{k.upper()}": str(v) for k, v in overrides.items()})
     stopping = False
-    child: subprocess.Popen[bytes] | None = None
+    children: dict[str, subprocess.Popen[bytes]] = {}
+    started: dict[str, float] = {}
+    delays = {queue: 1.0 for queue in queues}
+    restart_at: dict[str, float] = {queue: 0.0 for queue in queues}
 
     def forward(signum: int, frame: object) -> None:
         nonlocal stopping
         stopping = True
-        if child is not None and child.poll() is None:
-            child.send_signal(signum)
+        for child in children.values():
+            if child.poll() is None:
+                child.send_signal(signum)
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
-    delay = 1.0
+    codes: dict[str, int] = {}
     while True:
-        started = time.monotonic()
-        child = subprocess.Popen([sys.executable, "-m", "services.search.main", "worker-child"], env=env)
-        code = child.wait()
-        if stopping:
-            return code
-        # Not asked to stop, so any exit is a fault, 0 included: Celery's worker exits 0 after an
-        # "Unrecoverable error" of its broker connection (a Redis restart mid-delivery).
-        if time.monotonic() - started > 60:
-            delay = 1.0
-        log.error("worker process exited; starting it again", extra={"exit_code": code, "delay_s": delay})
-        time.sleep(delay)
-        delay = min(delay * 2, 30.0)
+        now = time.monotonic()
+        for queue in queues:
+            child = children.get(queue)
+            if child is None:
+                if stopping or queue in codes or now < restart_at[queue]:
+                    continue
+                started[queue] = now
+                children[queue] = subprocess.Popen(
+                    [sys.executable, "-m", "services.search.main", "worker-child", queue], env=env
+                )
+                continue
+            code = child.poll()
+            if code is None:
+                continue
+            del children[queue]
+            if stopping:
+                codes[queue] = code
+                continue
+            # Not asked to stop, so any exit is a fault, 0 included: Celery's worker exits 0 after an
+            # "Unrecoverable error" of its broker connection (a Redis restart mid-delivery).
+            if now - started[queue] > 60:
+                delays[queue] = 1.0
+            log.error(
+                "worker process exited; starting it again",
+                extra={"queue": queue, "exit_code": code, "delay_s": delays[queue]},
+            )
+            restart_at[queue] = now + delays[queue]
+            delays[queue] = min(delays[queue] * 2, 30.0)
+        if not children and (stopping or len(codes) == len(queues)):
+            return max(codes.values(), default=0)
+        time.sleep(0.2)
 
 
-def run_worker(settings: SearchSettings, *, loglevel: str = "INFO", extra_args: Sequence[str] = ()) -> None:
-    """The Celery worker process (threads pool) consuming the search queue."""
+def run_worker(
+    settings: SearchSettings, queue: str = "search", *, loglevel: str = "INFO", extra_args: Sequence[str] = ()
+) -> None:
+    """One Celery worker process: the search queue (threads pool), or the train queue (solo pool: one training
+    or round at a time; needs ``CPL_TRAINER_CHECKPOINT_ROOT``)."""
     from services.common.logging import configure_logging
+    from services.trainer.tasks import TRAIN_QUEUE, register_if_configured
 
-    configure_logging(settings.log_level, settings.log_format, service="search-worker")
+    configure_logging(settings.log_level, settings.log_format, service=f"{queue}-worker")
     app = create_worker_app(settings)
+    if queue == "train":
+        if not register_if_configured(app):
+            raise SystemExit("cpl worker --queues train: CPL_TRAINER_CHECKPOINT_ROOT is not set")
+        pool = ["--pool=solo", "--concurrency=1", f"--queues={TRAIN_QUEUE}"]
+    else:
+        pool = [
+            "--pool=threads",
+            f"--concurrency={settings.worker_concurrency}",
+            f"--queues={Keys(settings.key_prefix).queue}",
+        ]
     argv = [
         "worker",
         f"--loglevel={loglevel}",
-        "--pool=threads",
-        f"--concurrency={settings.worker_concurrency}",
-        f"--queues={Keys(settings.key_prefix).queue}",
+        *pool,
+        f"--hostname={queue}@%h-{os.getpid()}",
         "--without-gossip",
         "--without-mingle",
         "--without-heartbeat",

@@ -42,6 +42,12 @@ def add_stack_parsers(subparsers: Any) -> None:
     up.add_argument("--run-dir", type=Path, default=RUN_DIR, help="logs, private Redis data, stack.json")
     up.add_argument("--verbose", action="store_true", help="show the inference services' (vLLM's) logs")
     up.add_argument(
+        "--trainer",
+        action="store_true",
+        help="also the trainer: training, deployment and round routes (operator key printed), a train worker, "
+        "checkpoints under RUN_DIR/checkpoints hot-swapped into the policy and value services",
+    )
+    up.add_argument(
         "--demo",
         type=int,
         nargs="?",
@@ -141,4 +147,4 @@ def run_up_cmd(args: argparse.Namespace) -> int:
         def after(stack: Any) -> int:
             return demo_batch(stack, args.demo, args.demo_simulations)
 
-    return run_up(args.port, args.run_dir, args.verbose, after_start=after, keep=keep)
+    return run_up(args.port, args.run_dir, args.verbose, after_start=after, keep=keep, trainer=args.trainer)

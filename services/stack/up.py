@@ -139,6 +139,8 @@ class Stack:
     children: list[Child] = field(default_factory=list)
     redis_url: str = ""
     api_key: str = ""
+    trainer: bool = False
+    operator_key: str = ""
 
     @property
     def url(self) -> str:
@@ -208,6 +210,32 @@ class Stack:
         env.setdefault("CPL_SEARCH_WORKER_CONCURRENCY", "16")
         return env
 
+    def trainer_env(self, policy: Child, value: Child, env: dict[str, str], policy_url: str, value_url: str) -> None:
+        """The trainer on one machine: checkpoints under RUN_DIR/checkpoints, which both inference services may
+        load from (hot-swap with an admin token only the trainer side holds), the embedded planner as `base`."""
+        root = (self.run_dir / "checkpoints").resolve()
+        root.mkdir(parents=True, exist_ok=True)
+        token_file = (self.run_dir / "admin-token").resolve()
+        if not token_file.is_file():
+            token_file.write_text(secrets.token_urlsafe(32))
+        token_file.chmod(0o600)
+        for child, prefix in ((policy, "CPL_POLICY_"), (value, "CPL_VALUE_")):
+            child.env[f"{prefix}CHECKPOINT_ROOT"] = str(root)
+            child.env[f"{prefix}ADMIN_TOKEN_FILE"] = str(token_file)
+        self.operator_key = os.environ.get("CPL_TRAINER_OPERATOR_KEY") or secrets.token_urlsafe(24)
+        env.update(
+            {
+                "CPL_TRAINER_CHECKPOINT_ROOT": str(root),
+                "CPL_TRAINER_BASE_POLICY": str(REPO_ASSETS / "policy"),
+                "CPL_TRAINER_BASE_VALUE": str(REPO_ASSETS / "value"),
+                "CPL_TRAINER_ADMIN_TOKEN_FILE": str(token_file),
+                "CPL_TRAINER_POLICY_REPLICAS": json.dumps([policy_url]),
+                "CPL_TRAINER_VALUE_REPLICAS": json.dumps([value_url]),
+                "CPL_TRAINER_REDIS_URL": self.redis_url,
+                "CPL_TRAINER_OPERATOR_KEYS": json.dumps([self.operator_key]),
+            }
+        )
+
     def start(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         _port_free_or_raise(self.host, self.port)
@@ -216,9 +244,13 @@ class Stack:
         policy, policy_url = self._gateway("policy")
         value, value_url = self._gateway("value")
         print("Starting the policy and value services on the embedded planner (vLLM; a few minutes on a CPU)…")
+        env = self.search_env(policy_url, value_url)
+        queues = ["search"]
+        if self.trainer:
+            self.trainer_env(policy, value, env, policy_url, value_url)
+            queues.append("train")
         self._start(policy)
         self._start(value)
-        env = self.search_env(policy_url, value_url)
         cli = [sys.executable, "-m", "services.cli"]
         api = Child(
             "search-api",
@@ -226,7 +258,7 @@ class Stack:
             env,
             self.logs / "search-api.log",
         )
-        worker = Child("worker", [*cli, "worker"], env, self.logs / "worker.log")
+        worker = Child("worker", [*cli, "worker", "--queues", ",".join(queues)], env, self.logs / "worker.log")
         self._wait(lambda: _ok(f"{policy_url}/ready"), "policy service", self.start_timeout_s)
         self._wait(lambda: _ok(f"{value_url}/ready"), "value service", self.start_timeout_s)
         self._start(api)
@@ -265,7 +297,10 @@ class Stack:
 
     def _write_state(self) -> None:
         state = self.run_dir / STATE_FILE
-        state.write_text(json.dumps({"url": self.url, "api_key": self.api_key, "pid": os.getpid()}))
+        fields = {"url": self.url, "api_key": self.api_key, "pid": os.getpid()}
+        if self.operator_key:
+            fields["operator_key"] = self.operator_key
+        state.write_text(json.dumps(fields))
         state.chmod(0o600)
 
     def dead_child(self) -> Child | None:
@@ -343,10 +378,11 @@ def run_up(
     verbose: bool,
     after_start: Callable[[Stack], int | None] | None = None,
     keep: bool = True,
+    trainer: bool = False,
 ) -> int:
     """Start the stack, print where it is, run ``after_start`` (the demo), then wait for Ctrl-C/SIGTERM (or stop
     at once when ``keep`` is false). Every child is stopped on the way out, whatever happened."""
-    stack = Stack(run_dir=run_dir, port=port, verbose=verbose)
+    stack = Stack(run_dir=run_dir, port=port, verbose=verbose, trainer=trainer)
     code = 0
     with stop_signals():
         try:
@@ -356,6 +392,8 @@ def run_up(
                 print(f"cpl up: {exc}", file=sys.stderr, flush=True)
                 return exc.code
             print(f"\nDashboard: {stack.url}/\nAPI key:   {stack.api_key}\nLogs:      {stack.logs}", flush=True)
+            if stack.operator_key:
+                print(f"Operator key (trainings, deployments, rounds): {stack.operator_key}", flush=True)
             print(f"Submit:    cpl submit --input FILE.jsonl   (finds this stack through {run_dir / STATE_FILE})")
             if after_start is not None:
                 code = after_start(stack) or 0

@@ -32,6 +32,7 @@ from services.trainer.settings import TrainerSettings
 log = logging.getLogger(__name__)
 
 TASK_TRAIN = "cpl.train.run"
+TASK_ROUND = "cpl.rounds.run"
 TRAIN_QUEUE = "train"
 _CURVE_POINTS = 200
 _SAVE_INTERVAL_S = 0.5
@@ -209,13 +210,31 @@ def register_train_tasks(app: Celery, settings: TrainerSettings | None = None) -
             # running on another worker (this is a redelivery): look again once its lease could have run out
             raise self.retry(countdown=resolved.training_lease_s, exc=exc) from exc
 
+    @app.task(
+        name=TASK_ROUND, bind=True, acks_late=True, reject_on_worker_lost=True, ignore_result=True, max_retries=None
+    )
+    def run_round_task(self, round_id: str) -> None:
+        # the round driver trains in this process (solo pool), so a round never waits for its own trainings
+        from services.trainer.rounds import run_round
+
+        resolved = settings or TrainerSettings()  # type: ignore[call-arg]
+        try:
+            run_round(round_id, resolved)
+        except LeaseHeld as exc:
+            raise self.retry(countdown=resolved.training_lease_s, exc=exc) from exc
+
     routes = dict(app.conf.task_routes or {})
     routes[TASK_TRAIN] = {"queue": TRAIN_QUEUE}
+    routes[TASK_ROUND] = {"queue": TRAIN_QUEUE}
     app.conf.task_routes = routes
 
 
 def enqueue_training(app: Celery, training_id: str) -> None:
     app.send_task(TASK_TRAIN, args=[training_id], queue=TRAIN_QUEUE)
+
+
+def enqueue_round(app: Celery, round_id: str) -> None:
+    app.send_task(TASK_ROUND, args=[round_id], queue=TRAIN_QUEUE)
 
 
 def register_if_configured(app: Celery) -> bool:

@@ -24,7 +24,14 @@ def client() -> TestClient:
 
 
 @pytest.mark.parametrize(
-    ("path", "view"), [("/", "index"), ("/ui/searches/0123abcd", "search"), ("/ui/batches/feed-42", "batch")]
+    ("path", "view"),
+    [
+        ("/", "index"),
+        ("/ui/searches/0123abcd", "search"),
+        ("/ui/batches/feed-42", "batch"),
+        ("/ui/trainings/abc-r1-sft", "training"),
+        ("/ui/rounds/0123abcd", "round"),
+    ],
 )
 def test_pages_are_shells_that_load_only_local_files(client: TestClient, path: str, view: str) -> None:
     r = client.get(path)
@@ -42,11 +49,13 @@ def test_script_and_style_are_served(client: TestClient) -> None:
     assert js.status_code == 200 and js.headers["content-type"].startswith("text/javascript")
     assert "If-None-Match" in js.text and "sessionStorage" in js.text
     assert "innerHTML" not in js.text  # data enters the page as text only
+    assert "createElementNS" in js.text and "loss-curve" in js.text  # the loss curve is inline SVG, no library
     assert client.get("/ui/static/dashboard.css").status_code == 200
 
 
 @pytest.mark.parametrize(
-    "path", ["/ui/static/routes.py", "/ui/static/..%2Froutes.py", "/ui/searches/a.b", "/ui/batches/x%20y"]
+    "path",
+    ["/ui/static/routes.py", "/ui/static/..%2Froutes.py", "/ui/searches/a.b", "/ui/batches/x%20y", "/ui/rounds/a.b"],
 )
 def test_unknown_files_and_odd_ids_are_404(client: TestClient, path: str) -> None:
     r = client.get(path)

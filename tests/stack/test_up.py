@@ -104,7 +104,7 @@ def test_up_runs_the_demo_serves_submit_and_export_and_stops_clean_on_sigterm(tm
         "DEMO_KEEP": "1",
         "PYTHONUNBUFFERED": "1",
     }
-    argv = [*CPL, "up", "--demo", "2", "--demo-simulations", "4"]
+    argv = [*CPL, "up", "--demo", "2", "--demo-simulations", "4", "--trainer"]
     argv += ["--port", str(port), "--run-dir", str(run_dir)]
     stderr = (tmp_path / "up.stderr").open("w")
     proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=stderr, text=True)
@@ -127,6 +127,8 @@ def test_up_runs_the_demo_serves_submit_and_export_and_stops_clean_on_sigterm(tm
         names = " ".join(" ".join(p.cmdline()) for p in family)
         for part in ("redis-server", "services.policy.main", "services.value.main", "serve search", "worker"):
             assert part in names, names
+        assert "worker --queues search,train" in names, names  # --trainer: the train queue is consumed too
+        assert "Operator key (trainings, deployments, rounds): " in text
 
         # cpl submit and cpl export find the stack through its stack.json; the key never goes on a command line.
         cli_env = {k: v for k, v in os.environ.items() if k not in ("CPL_SEARCH_API_KEY", "CPL_SEARCH_URL")}
@@ -157,6 +159,16 @@ def test_up_runs_the_demo_serves_submit_and_export_and_stops_clean_on_sigterm(tm
         assert (tmp_path / "export" / "value.jsonl").read_text(), "graded trees always give value rows"
         bad = _cpl("export", "no-such-batch", "--out", str(tmp_path / "x"), "--run-dir", str(run_dir), env=cli_env)
         assert bad.returncode == 2 and "404" in bad.stderr
+
+        # --trainer: one CPL round on this machine, the operator key found through stack.json
+        rounds = _cpl(
+            "round", "--api", f"http://127.0.0.1:{port}", "--input", str(problems), "--rounds", "1",
+            "--simulations", "4", "--sft-epochs", "1", "--apo-epochs", "1", "--value-epochs", "1",
+            "--run-dir", str(run_dir), env=cli_env, timeout=900,
+        )  # fmt: skip
+        assert rounds.returncode == 0, rounds.stdout + rounds.stderr[-3000:]
+        assert "succeeded" in rounds.stdout and "round 1 deploy    done" in rounds.stdout
+        assert list((run_dir / "checkpoints").glob("round-*-r1-value/manifest.json"))
 
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=180) == 0

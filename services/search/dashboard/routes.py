@@ -1,5 +1,6 @@
-"""Routes of the dashboard: three page shells and the script. The pages carry no job data: the script fetches it
-from ``/v1`` with the user's API key, so the dashboard shows nothing to someone without a key."""
+"""Routes of the dashboard: the page shells (searches, batches, trainings, rounds) and the script. The pages carry
+no job data: the script fetches it from ``/v1`` with the user's API key (trainings and rounds: an operator key),
+so the dashboard shows nothing to someone without a key."""
 
 from __future__ import annotations
 
@@ -56,6 +57,16 @@ def dashboard_router() -> APIRouter:
     async def batch_page(request: Request, batch_id: str) -> HTMLResponse:
         """One batch: counts, accuracy, Table 1 statistics and its searches."""
         return _page(request, "batch.html", view="batch", item_id=_checked_id(batch_id))
+
+    @router.get("/ui/trainings/{training_id}", response_class=HTMLResponse)
+    async def training_page(request: Request, training_id: str) -> HTMLResponse:
+        """One training job: progress, its loss curve (inline SVG), metrics, the published checkpoint."""
+        return _page(request, "training.html", view="training", item_id=_checked_id(training_id))
+
+    @router.get("/ui/rounds/{round_id}", response_class=HTMLResponse)
+    async def round_page(request: Request, round_id: str) -> HTMLResponse:
+        """One round job: every stage with its outputs, Table 1 of each round's search, accuracy per round."""
+        return _page(request, "round.html", view="round", item_id=_checked_id(round_id))
 
     @router.get("/ui/static/{name}")
     async def static(name: str) -> FileResponse:

@@ -364,6 +364,257 @@
     });
   }
 
+  // --- trainings and rounds: the trainer routes, read with an operator key (a search key gets 403 there) ------
+  const OP_KEY = "cplOperatorKey";
+  const SVG = "http://www.w3.org/2000/svg";
+  class OperatorNeeded extends Error {}
+
+  async function opApi(path, { method = "GET" } = {}) {
+    const key = sessionStorage.getItem(OP_KEY);
+    if (!key) throw new OperatorNeeded("");
+    const response = await fetch(path, { method, headers: { Authorization: `Bearer ${key}` }, cache: "no-store" });
+    if (response.status === 401 || response.status === 403) {
+      sessionStorage.removeItem(OP_KEY);
+      throw new OperatorNeeded("That operator key is not accepted.");
+    }
+    let data = null;
+    try {
+      data = await response.json();
+    } catch (_err) {
+      data = null;
+    }
+    if (!response.ok) {
+      const detail = data && data.detail ? data.detail : response.statusText;
+      throw new Error(`${method} ${path}: ${response.status} ${typeof detail === "string" ? detail : JSON.stringify(detail)}`);
+    }
+    return data;
+  }
+
+  // The operator form: shown while no accepted key is set; a submitted key wakes the page's poller.
+  function operatorGate(poller) {
+    const form = $("operator-form");
+    form.addEventListener("submit", (event) => {
+      event.preventDefault();
+      const key = $("operator-key").value.trim();
+      if (!key) return;
+      sessionStorage.setItem(OP_KEY, key);
+      $("operator-key").value = "";
+      form.hidden = true;
+      poller.now();
+    });
+    return (err) => {
+      form.hidden = false;
+      $("operator-error").textContent = err.message;
+    };
+  }
+
+  function svg(tag, attrs, text) {
+    const node = document.createElementNS(SVG, tag);
+    for (const [name, value] of Object.entries(attrs)) node.setAttribute(name, String(value));
+    if (text !== undefined) node.textContent = text;
+    return node;
+  }
+
+  // The loss curve as inline SVG: (step, loss) points scaled into a fixed box, min/max labelled.
+  function lossCurve(points) {
+    const w = 560;
+    const h = 220;
+    const pad = 44;
+    const root = svg("svg", { viewBox: `0 0 ${w} ${h}`, width: w, height: h, class: "loss-curve", role: "img",
+      "aria-label": "training loss by step" });
+    if (!points.length) {
+      root.append(svg("text", { x: pad, y: h / 2, class: "axis-label" }, "no steps yet"));
+      return root;
+    }
+    const xs = points.map((p) => p[0]);
+    const ys = points.map((p) => p[1]);
+    const [x0, x1, y0, y1] = [Math.min(...xs), Math.max(...xs), Math.min(...ys), Math.max(...ys)];
+    const sx = (x) => pad + (x1 === x0 ? 0.5 : (x - x0) / (x1 - x0)) * (w - 2 * pad);
+    const sy = (y) => h - pad - (y1 === y0 ? 0.5 : (y - y0) / (y1 - y0)) * (h - 2 * pad);
+    root.append(
+      svg("line", { x1: pad, y1: h - pad, x2: w - pad, y2: h - pad, class: "axis" }),
+      svg("line", { x1: pad, y1: pad, x2: pad, y2: h - pad, class: "axis" }),
+      svg("text", { x: pad, y: h - pad + 16, class: "axis-label" }, `step ${x0}`),
+      svg("text", { x: w - pad, y: h - pad + 16, class: "axis-label", "text-anchor": "end" }, `step ${x1}`),
+      svg("text", { x: pad - 4, y: pad + 4, class: "axis-label", "text-anchor": "end" }, fmt(y1, 3)),
+      svg("text", { x: pad - 4, y: h - pad, class: "axis-label", "text-anchor": "end" }, fmt(y0, 3)),
+      svg("polyline", { points: points.map(([x, y]) => `${sx(x).toFixed(1)},${sy(y).toFixed(1)}`).join(" "),
+        class: "loss-line", fill: "none" }),
+    );
+    return root;
+  }
+
+  function trainingRow(t) {
+    return el(
+      "tr",
+      { "data-training-id": t.id, "data-status": t.status },
+      el("td", {}, el("a", { href: `/ui/trainings/${encodeURIComponent(t.id)}`, text: clip(t.id, 28) })),
+      el("td", { text: t.kind }),
+      el("td", {}, statusBadge(t.status)),
+      el("td", {}, progressBar(t.step || 0, t.total_steps || 0)),
+      el("td", { class: "num", text: fmt(t.loss, 4) }),
+      el("td", { text: t.checkpoint || "–" }),
+      el("td", { text: when(t.created_at) }),
+    );
+  }
+
+  const stageDone = (e) => e.status === "done" || e.status === "skipped";
+  const accuracyText = (acc) =>
+    Object.keys(acc || {}).length ? Object.entries(acc).map(([r, a]) => `round ${r}: ${pct(a)}`).join(" · ") : "–";
+
+  function roundRow(r) {
+    const done = r.stages.filter(stageDone).length;
+    return el(
+      "tr",
+      { "data-round-id": r.id, "data-status": r.status },
+      el("td", {}, el("a", { href: `/ui/rounds/${encodeURIComponent(r.id)}`, text: short(r.id) })),
+      el("td", {}, statusBadge(r.status)),
+      el("td", {}, progressBar(done, r.stages.length)),
+      el("td", { text: FINAL.has(r.status) ? "–" : `round ${r.round}: ${r.stage || "queued"}` }),
+      el("td", { class: "accuracy", text: accuracyText(r.accuracy) }),
+      el("td", { text: when(r.created_at) }),
+    );
+  }
+
+  function trainerLists() {
+    const poller = poll(async () => {
+      try {
+        const [rounds, trainings] = await Promise.all([opApi("/v1/rounds?limit=20"), opApi("/v1/trainings?limit=30")]);
+        $("rounds").querySelector("tbody").replaceChildren(...rounds.map(roundRow));
+        $("trainings").querySelector("tbody").replaceChildren(...trainings.map(trainingRow));
+      } catch (err) {
+        if (!(err instanceof OperatorNeeded)) throw err;
+        showGate(err);
+      }
+      return true;
+    });
+    const showGate = operatorGate(poller);
+  }
+
+  function trainingView() {
+    const cancel = $("cancel");
+    const path = `/v1/trainings/${encodeURIComponent(itemId)}`;
+    const poller = poll(async () => {
+      let t;
+      try {
+        t = await opApi(path);
+      } catch (err) {
+        if (!(err instanceof OperatorNeeded)) throw err;
+        showGate(err);
+        return true;
+      }
+      const items = [
+        el("p", {}, statusBadge(t.status), " ", progressBar(t.step || 0, t.total_steps || 0,
+          `step ${t.step || 0}/${t.total_steps ?? "?"}`), ` · epoch ${t.epoch ?? "–"}`),
+        el("p", { text: `${t.kind} from ${t.model} on ${t.data_rows} rows → ${t.name}` }),
+        el("p", { class: "muted", text: `loss ${fmt(t.loss, 4)} · learning rate ${t.learning_rate ?? "–"} · ETA ${t.eta_s ?? "–"} s` }),
+      ];
+      if (t.checkpoint) items.push(el("p", { text: `Published checkpoint: ${t.checkpoint}` }));
+      if (t.deployment_id) items.push(el("p", { text: `Deployment: ${t.deployment_id}` }));
+      if (t.error) items.push(el("p", { class: "error", text: t.error }));
+      $("training-summary").replaceChildren(...items);
+      $("loss-curve").replaceChildren(lossCurve(t.loss_curve || []));
+      const metrics = Object.entries(t.metrics || {}).filter(([, v]) => typeof v !== "object");
+      $("training-metrics")
+        .querySelector("tbody")
+        .replaceChildren(...metrics.map(([k, v]) => el("tr", {}, el("th", { text: k }), el("td", { text: v }))));
+      const final = FINAL.has(t.status);
+      cancel.hidden = final;
+      body.dataset.status = t.status;
+      return !final;
+    });
+    const showGate = operatorGate(poller);
+    cancel.addEventListener("click", async () => {
+      cancel.disabled = true;
+      try {
+        await opApi(`${path}/cancel`, { method: "POST" });
+      } catch (err) {
+        setConnection(String(err.message || err));
+      }
+      cancel.disabled = false;
+      poller.now();
+    });
+  }
+
+  function stageOutputs(e) {
+    const o = e.outputs || {};
+    if (e.reason) return el("span", { class: "muted", text: e.reason });
+    if (e.error) return el("span", { class: "error", text: e.error });
+    if (o.training_id) {
+      return el("span", {}, el("a", { href: `/ui/trainings/${encodeURIComponent(o.training_id)}`, text: o.checkpoint || o.training_id }),
+        ` from ${o.started_from} · ${o.rows} rows`);
+    }
+    if (o.batch_id && e.stage === "search") {
+      return el("span", {}, el("a", { href: `/ui/batches/${encodeURIComponent(o.batch_id)}`, text: `batch ${short(o.batch_id)}` }),
+        ` · ${o.format}, ${o.simulations} simulations · served by ${(o.model_versions.policy || []).join(", ")}`);
+    }
+    if (o.rows) return el("span", { text: Object.entries(o.rows).map(([k, v]) => `${k} ${v}`).join(" · ") });
+    if (o.versions) return el("span", { text: Object.entries(o.versions).map(([k, v]) => `${k} → ${v}`).join(" · ") });
+    if (o.total !== undefined) return el("span", { text: `${o.correct}/${o.total} correct (${pct(o.accuracy)}), zero-shot` });
+    return el("span", { class: "muted", text: "–" });
+  }
+
+  function roundView() {
+    const cancel = $("cancel");
+    const path = `/v1/rounds/${encodeURIComponent(itemId)}`;
+    const poller = poll(async () => {
+      let r;
+      try {
+        r = await opApi(path);
+      } catch (err) {
+        if (!(err instanceof OperatorNeeded)) throw err;
+        showGate(err);
+        return true;
+      }
+      const done = r.stages.filter(stageDone).length;
+      const items = [
+        el("p", {}, statusBadge(r.status), " ", progressBar(done, r.stages.length, `${done}/${r.stages.length} stages`),
+          FINAL.has(r.status) ? "" : ` · round ${r.round}: ${r.stage || "queued"}`),
+        el("p", { text: `${r.spec.problems.length} problems · ${r.spec.eval_problems.length} evaluation problems · ${r.spec.rounds} rounds` }),
+        el("p", { class: "accuracy", text: `Accuracy per round: ${accuracyText(r.accuracy)}` }),
+      ];
+      if (r.error) items.push(el("p", { class: "error", text: r.error }));
+      $("round-summary").replaceChildren(...items);
+      $("stages").querySelector("tbody").replaceChildren(
+        ...r.stages.map((e) =>
+          el("tr", { "data-stage": `${e.round}-${e.stage}`, "data-status": e.status },
+            el("td", { class: "num", text: e.round }), el("td", { text: e.stage }), el("td", {}, statusBadge(e.status)),
+            el("td", { text: when(e.started_at) }), el("td", { text: when(e.finished_at) }), el("td", {}, stageOutputs(e))),
+        ),
+      );
+      const rounds = [...new Set(r.stages.map((e) => e.round))];
+      $("round-stats").querySelector("tbody").replaceChildren(
+        ...rounds.map((n) => {
+          const search = r.stages.find((e) => e.round === n && e.stage === "search");
+          const st = (search && search.outputs && search.outputs.stats) || {};
+          return el("tr", {}, el("td", { class: "num", text: n }), el("td", { class: "num", text: st.trees ?? "–" }),
+            el("td", { class: "num", text: fmt(st.avg_depth_correct) }),
+            el("td", { class: "num", text: st.positive_plan_steps ?? "–" }),
+            el("td", { class: "num", text: st.negative_plan_steps ?? "–" }),
+            el("td", { class: "num", text: st.plan_pairs ?? "–" }),
+            el("td", { class: "num", text: st.solution_pairs ?? "–" }),
+            el("td", { class: "num", text: search && search.outputs ? pct(search.outputs.accuracy) : "–" }),
+            el("td", { class: "num", text: r.accuracy[String(n)] === undefined ? "–" : pct(r.accuracy[String(n)]) }));
+        }),
+      );
+      const final = FINAL.has(r.status);
+      cancel.hidden = final;
+      body.dataset.status = r.status;
+      return !final;
+    });
+    const showGate = operatorGate(poller);
+    cancel.addEventListener("click", async () => {
+      cancel.disabled = true;
+      try {
+        await opApi(`${path}/cancel`, { method: "POST" });
+      } catch (err) {
+        setConnection(String(err.message || err));
+      }
+      cancel.disabled = false;
+      poller.now();
+    });
+  }
+
   // --- start -------------------------------------------------------------------------------------------------
   function start() {
     generation += 1;
@@ -372,7 +623,12 @@
     $("forget-key").hidden = false;
     if (view === "search") searchView();
     else if (view === "batch") batchView();
-    else indexView();
+    else if (view === "training") trainingView();
+    else if (view === "round") roundView();
+    else {
+      indexView();
+      trainerLists();
+    }
   }
 
   $("key-form").addEventListener("submit", (event) => {
