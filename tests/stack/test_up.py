@@ -149,7 +149,7 @@ def test_up_runs_the_demo_serves_submit_and_export_and_stops_clean_on_sigterm(tm
             timeout=600,
         )
         assert sub.returncode == 0, sub.stdout + sub.stderr
-        assert "Table 1 over 1 trees:" in sub.stdout and "searches done" in sub.stderr  # the progress bar
+        assert "Table 1 (paper §4.1)" in sub.stdout and "searches done" in sub.stderr  # the progress bar
         exp = _cpl("export", batch_id, "--out", str(tmp_path / "export"), "--run-dir", str(run_dir), env=cli_env)
         assert exp.returncode == 0, exp.stderr
         for name in ("sft", "plan_pairs", "solution_pairs", "value"):
