@@ -56,7 +56,7 @@ def add_stack_parsers(subparsers: Any) -> None:
         metavar="N",
         help="then search N held-out toy problems (default 4), print their best plans and Table 1",
     )
-    up.add_argument("--demo-simulations", type=_positive, default=16, help="simulations of each demo search")
+    up.add_argument("--demo-simulations", type=_positive, default=24, help="simulations of each demo search")
     up.add_argument(
         "--no-keep",
         dest="keep",
