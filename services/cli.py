@@ -138,8 +138,9 @@ def run_worker(args: argparse.Namespace) -> int:
     try:
         return work(queues, **_search_overrides(args))
     except ValidationError as exc:
-        # the train queue also reads CPL_TRAINER_* (the title names the settings class that refused)
-        print(f"cpl: invalid settings: {exc}", file=sys.stderr)
+        # the train queue also reads CPL_TRAINER_*: say which settings refused
+        kind = {"SearchSettings": "search ", "TrainerSettings": "trainer "}.get(exc.title, "")
+        print(f"cpl: invalid {kind}settings: {exc}", file=sys.stderr)
         return 2
 
 
