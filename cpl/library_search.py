@@ -19,6 +19,7 @@ from cpl.problems import Problem
 from cpl.protocols import PolicyModel, ValueModel
 from cpl.search_stats import compute_stats, write_stats
 from cpl.store import FileTreeStore, load_trees, search_into_store
+from cpl.tree import Tree
 
 
 async def search_problems(
@@ -52,6 +53,18 @@ async def search_problems(
     return counts
 
 
+def finished_trees(problems: Sequence[Problem], config: SearchConfig, out: Path) -> list[Tree] | None:
+    """The stored trees when every problem's tree is finished with these settings (nothing left to search)."""
+    store = FileTreeStore(out / "trees")
+    trees = []
+    for problem in problems:
+        tree = asyncio.run(store.load(problem.id))
+        if tree is None or not tree.finished or tree.question != problem.question or tree.config != config:
+            return None
+        trees.append(tree)
+    return trees
+
+
 def run_library_search(
     problems: Sequence[Problem],
     policy_dir: Path,
@@ -67,6 +80,11 @@ def run_library_search(
 ) -> dict[str, int]:
     from cpl.engines.vllm_offline import VLLMPolicy, VLLMValue, stop_marker_bias
 
+    done = finished_trees(problems, config, out)
+    if done is not None:  # a re-run of a finished search: re-export, no engine to start
+        counts = export_datasets(done, out)
+        write_stats(out, compute_stats(done, counts))
+        return counts
     extra = {"logit_bias": stop_marker_bias(policy_dir, marker_bias)} if marker_bias else None
     policy = VLLMPolicy(policy_dir, seed=seed, dtype=dtype, extra_sampling=extra)
     value = VLLMValue(value_dir, dtype=dtype)

@@ -98,9 +98,11 @@ def test_search_writes_trees_and_datasets_that_agree(search_run: Path, toy_sampl
 @pytest.mark.vllm
 def test_search_resumes_finished_trees_without_new_work(search_run: Path, toy_sample: Path):
     before = {p.name: p.read_text() for p in (search_run / "trees").iterdir()}
-    result = cpl(*search_args(toy_sample, search_run))
+    stats = (search_run / "stats.json").read_text()
+    result = cpl(*search_args(toy_sample, search_run), timeout=120)  # nothing to search: no engine starts
     assert result.returncode == 0, result.stderr[-3000:]
     assert {p.name: p.read_text() for p in (search_run / "trees").iterdir()} == before
+    assert (search_run / "stats.json").read_text() == stats and "Table 1" in result.stdout
 
 
 @pytest.mark.parametrize(
