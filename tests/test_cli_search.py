@@ -44,12 +44,19 @@ def search_args(sample: Path, out: Path) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def search_run(toy_sample, tmp_path_factory) -> Path:
+def demo_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess[str]]:
+    """README's `cpl demo`: the same search as `search_args` on the demo's problems (one engine start serves the
+    demo's checks and the dataset checks)."""
     out = tmp_path_factory.mktemp("search")
-    result = cpl(*search_args(toy_sample, out))
+    result = cpl("demo", "--out", str(out))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Table 1" in result.stdout and str(out / "stats.json") in result.stdout
-    return out
+    return out, result
+
+
+@pytest.fixture(scope="module")
+def search_run(demo_run) -> Path:
+    return demo_run[0]
 
 
 @pytest.mark.vllm
@@ -135,11 +142,10 @@ def test_malformed_problem_file(tmp_path):
 
 
 @pytest.mark.vllm
-def test_demo_searches_real_plans_with_the_embedded_planner(tmp_path):
-    """README's main job: the shipped planner builds trees of real plans, some reach the right answer, the search
-    yields plan pairs, and the output is a short summary, not vLLM's logs."""
-    result = cpl("demo", "--out", str(tmp_path))
-    assert result.returncode == 0, result.stderr[-3000:]
+def test_demo_searches_real_plans_with_the_embedded_planner(demo_run):
+    """README's main job: the shipped planner builds trees of real plans, some reach the right answer, and the
+    output is a short summary, not vLLM's logs."""
+    tmp_path, result = demo_run
     output = result.stdout + result.stderr
     # lines as a terminal shows them: progress bars redraw one line with \r, so count newlines only
     assert output.count("\n") < 60, output
