@@ -524,6 +524,11 @@
       return !final;
     });
     const showGate = operatorGate(poller);
+    onOperatorCancel(cancel, path, poller);
+  }
+
+  // The cancel button of a training's or a round's page (operator routes).
+  function onOperatorCancel(cancel, path, poller) {
     cancel.addEventListener("click", async () => {
       cancel.disabled = true;
       try {
@@ -603,16 +608,7 @@
       return !final;
     });
     const showGate = operatorGate(poller);
-    cancel.addEventListener("click", async () => {
-      cancel.disabled = true;
-      try {
-        await opApi(`${path}/cancel`, { method: "POST" });
-      } catch (err) {
-        setConnection(String(err.message || err));
-      }
-      cancel.disabled = false;
-      poller.now();
-    });
+    onOperatorCancel(cancel, path, poller);
   }
 
   // --- start -------------------------------------------------------------------------------------------------
