@@ -18,15 +18,13 @@ DEMO_SEED = 11
 
 
 def demo_problems(n: int) -> list[dict[str, str]]:
-    """``n`` problems of the toy world's held-out split (never in the planner's training corpus): library mode's
-    demo problems first (:data:`cpl.cli.DEMO_PICKS`, picked because under search they yield plan and solution
-    pairs), then more of the same sample."""
-    from cpl.cli import DEMO_PICKS
+    """``n`` problems of the toy world's held-out split (never in the planner's training corpus)."""
     from cpl.toy import world
 
-    sample = world.generate("arith", max(n, 8), seed=DEMO_SEED, split="test")
-    order = [*DEMO_PICKS, *(i for i in range(len(sample)) if i not in DEMO_PICKS)]
-    return [{"question": sample[i].question, "answer": sample[i].gold, "id": f"toy-test-{i}"} for i in order[:n]]
+    return [
+        {"question": p.question, "answer": p.gold, "id": f"toy-test-{i}"}
+        for i, p in enumerate(world.generate("arith", n, seed=DEMO_SEED, split="test"))
+    ]
 
 
 def demo_batch(stack: Stack, n: int, simulations: int, out: Path | None = None) -> int:
