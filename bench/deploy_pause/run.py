@@ -4,13 +4,19 @@ policy replicas, against the same load with no deployment (measured in the same 
 Set-up: the tiny Llama of ``cpl.models.tiny`` as the base (``A``) and two checkpoints published by real SFT jobs
 (``sft-1``, ``sft-2``) under one checkpoint root; two policy gateways (each with its vLLM child: float32,
 ``--enforce-eager``, 128 MiB KV cache) on that root; Redis on 127.0.0.1:6379 (keys under a unique prefix, removed
-at the end). Load: ``--clients`` clients, half on each replica, each sending one greedy ``/v1/expand`` state
-(``--max-tokens`` tokens) after the other, without pause.
+at the end). Load: ``--clients`` clients, each sending one greedy ``/v1/expand`` state (``--max-tokens``
+tokens) after the other, without pause, routed in one of two ways:
 
-Each round: ``--window`` seconds of load alone (the baseline), then a deployment (sft-1 and sft-2 alternate)
-under the same load. Per round: the baseline's median and longest request, the longest request that overlapped
-the deployment, the extra wait a request saw (longest during the deployment minus the baseline median), each
-replica's swap time, and failed requests (must be 0). Medians over rounds at the end.
+* ``pinned`` (the baseline): half of the clients on each replica, a client per URL, as a client of one replica
+  sees a deployment;
+* ``replicas``: every client holds both URLs (``PolicyClient("URL1,URL2")``): the least busy replica, a swapping
+  one skipped (``Prefer: wait=0``, ``services/common/client.py``).
+
+Each round runs both routings in turn: ``--window`` seconds of load alone (the baseline), then a deployment
+(sft-1 and sft-2 alternate) under the same load. Per round: the baseline's median and longest request, the
+longest request that overlapped the deployment, the extra wait a request saw (longest during the deployment minus
+the baseline median), each replica's swap time, and failed requests (must be 0). Medians over rounds at the end,
+per routing.
 
     .venv/bin/python bench/deploy_pause/run.py --rounds 5
 """
@@ -57,14 +63,15 @@ def publish(settings: TrainerSettings, tmp: Path) -> None:
         )
 
 
-async def one_round(settings: TrainerSettings, urls: list[str], checkpoint: str, args) -> dict:
+async def one_round(settings: TrainerSettings, urls: list[str], checkpoint: str, routing: str, args) -> dict:
     request = ExpandRequest(
         state=State(question=PROBE_QUESTION), n=1, temperature=0.0, max_tokens=args.max_tokens, few_shot=False
     )
     records: list[tuple[float, float]] = []  # (start, end) of each request
     failures: list[str] = []
     stop = asyncio.Event()
-    clients = [PolicyClient(url, retries=0, max_connections=args.clients) for url in urls]
+    targets = urls if routing == "pinned" else [",".join(urls)]
+    clients = [PolicyClient(target, retries=0, max_connections=args.clients) for target in targets]
 
     async def worker(i: int) -> None:
         client = clients[i % len(clients)]
@@ -99,6 +106,7 @@ async def one_round(settings: TrainerSettings, urls: list[str], checkpoint: str,
     during = [end - start for start, end in records if end > deploy_start and start < deploy_end]
     median = statistics.median(baseline)
     return {
+        "routing": routing,
         "checkpoint": checkpoint,
         "requests": len(records),
         "failed": len(failures),
@@ -147,19 +155,25 @@ def main() -> None:
             procs.append(service.proc)
             services.append(service)
         settings = settings.model_copy(update={"policy_replicas": [s.url for s in services]})
-        rounds = []
-        for r in range(args.rounds):
-            result = asyncio.run(one_round(settings, settings.policy_replicas, ["sft-1", "sft-2"][r % 2], args))
-            print(json.dumps(result), flush=True)
-            rounds.append(result)
-        summary = {
-            key: statistics.median(r[key] for r in rounds)
-            for key in ("baseline_median_s", "baseline_max_s", "during_max_s", "extra_wait_s", "deployment_s")
-        }
-        summary["failed_total"] = sum(r["failed"] for r in rounds)
-        summary["swap_s_median"] = statistics.median(s for r in rounds for s in r["swap_s"])
-        summary["load_average"] = os.getloadavg()
-        print(json.dumps({"median_of_rounds": summary, "rounds": args.rounds, "clients": args.clients}))
+        results: dict[str, list[dict]] = {"pinned": [], "replicas": []}
+        deployments = 0
+        for _ in range(args.rounds):
+            for routing, rounds in results.items():
+                checkpoint = ["sft-1", "sft-2"][deployments % 2]
+                deployments += 1
+                result = asyncio.run(one_round(settings, settings.policy_replicas, checkpoint, routing, args))
+                print(json.dumps(result), flush=True)
+                rounds.append(result)
+        for routing, rounds in results.items():
+            summary = {
+                key: statistics.median(r[key] for r in rounds)
+                for key in ("baseline_median_s", "baseline_max_s", "during_max_s", "extra_wait_s", "deployment_s")
+            }
+            summary["failed_total"] = sum(r["failed"] for r in rounds)
+            summary["requests_total"] = sum(r["requests"] for r in rounds)
+            summary["swap_s_median"] = statistics.median(s for r in rounds for s in r["swap_s"])
+            print(json.dumps({"routing": routing, "median_of_rounds": summary, "rounds": args.rounds}))
+        print(json.dumps({"clients": args.clients, "load_average": os.getloadavg()}))
     finally:
         for proc in procs:
             _stop(proc)

@@ -11,16 +11,16 @@ import math
 import os
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import Annotated, Any
 
 import aiohttp
-from fastapi import Depends, FastAPI
+from fastapi import Depends, FastAPI, Header
 from pydantic import BaseModel, Field
 
 from services.common.app import create_service_app
 from services.common.auth import admin_auth
 from services.common.request_errors import error_responses
-from services.gateway.gate import EngineUnavailable
+from services.gateway.gate import EngineUnavailable, preferred_wait
 from services.gateway.model_version import VersionLabel
 from services.gateway.vllm_gateway import VLLMGateway
 
@@ -58,6 +58,19 @@ class ModelInfo(BaseModel):
 
 
 JSON_HEADERS = {"Content-Type": "application/json"}
+
+
+def gate_wait(
+    prefer: Annotated[
+        str | None,
+        Header(description="`wait=0` (RFC 7240): during a swap, answer 503 at once instead of waiting (replicas)"),
+    ] = None,
+) -> float | None:
+    """How long the client lets a request wait at the swap gate (None: the service's ``swap_wait_s``)."""
+    return preferred_wait(prefer)
+
+
+GateWait = Annotated[float | None, Depends(gate_wait)]
 
 
 async def post_upstream(service: VLLMGateway, path: str, payload: dict[str, Any]) -> Any:

@@ -1,6 +1,10 @@
 """The swap gate: requests pass while the engine is serving, wait while it is swapping (or starting), and get a
 retryable 503 if the wait grows too long. A swap closes the gate and waits for the requests in flight to finish,
-so every request is served wholly by one model version, the one it reads when it is admitted."""
+so every request is served wholly by one model version, the one it reads when it is admitted.
+
+A client with another replica to go to asks not to wait (``Prefer: wait=0``, RFC 7240): it gets the 503 at once
+and sends the request elsewhere, so a rolling deployment does not pause its requests
+(:class:`services.common.client.ServiceClient`)."""
 
 from __future__ import annotations
 
@@ -18,6 +22,18 @@ class EngineUnavailable(APIError):
     def __init__(self, service: str, reason: str, retry_after_s: int) -> None:
         super().__init__(503, f"{service} service: {reason}", retry_after=retry_after_s)
         self.reason = reason
+
+
+def preferred_wait(prefer: str | None) -> float | None:
+    """The ``wait`` preference of a ``Prefer`` header (RFC 7240: ``Prefer: wait=0``), or None."""
+    for preference in (prefer or "").split(","):
+        name, _, value = preference.partition("=")
+        if name.strip().lower() == "wait":
+            try:
+                return max(0.0, float(value.strip().strip('"')))
+            except ValueError:
+                return None
+    return None
 
 
 class DrainTimeout(Exception):
@@ -51,8 +67,9 @@ class SwapGate:
         self.reason = reason
         self._open.clear()
 
-    async def acquire(self) -> None:
-        deadline = time.monotonic() + self.wait_s
+    async def acquire(self, wait_s: float | None = None) -> None:
+        """Admit one request; ``wait_s`` (the client's ``Prefer: wait``) shortens the wait, never lengthens it."""
+        deadline = time.monotonic() + (self.wait_s if wait_s is None else min(wait_s, self.wait_s))
         while not self._open.is_set():
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -71,8 +88,8 @@ class SwapGate:
             self._idle.set()
 
     @contextlib.asynccontextmanager
-    async def admit(self) -> AsyncIterator[None]:
-        await self.acquire()
+    async def admit(self, wait_s: float | None = None) -> AsyncIterator[None]:
+        await self.acquire(wait_s)
         try:
             yield
         finally:

@@ -30,6 +30,7 @@ from services.common.request_errors import VERSION_HEADER_DOC, error_responses, 
 from services.gateway.app import (
     JSON_HEADERS,
     VERSION_HEADER,
+    GateWait,
     create_gateway_app,
     gather_all,
     non_finite,
@@ -84,11 +85,11 @@ def register_policy_routes(app: FastAPI, service: VLLMGateway) -> None:
         response_model=ExpandBatchResponse,
         responses={200: {"headers": VERSION_HEADER_DOC}, **error_responses(400, 413, 422, 502, 503, 504)},
     )
-    async def expand(batch: ExpandBatchRequest) -> Response:
+    async def expand(batch: ExpandBatchRequest, wait_s: GateWait) -> Response:
         """k candidate next steps for each state; every state's request goes to vLLM at once."""
         if len(batch.requests) > settings.max_batch_states:
             raise HTTPException(413, f"at most {settings.max_batch_states} states per request")
-        async with service.gate.admit():
+        async with service.gate.admit(wait_s):
             version = service.version
             metrics.in_flight.inc()
             try:
@@ -131,12 +132,12 @@ def register_policy_routes(app: FastAPI, service: VLLMGateway) -> None:
             }
         },
     )
-    async def completions(request: Request) -> Response:
+    async def completions(request: Request, wait_s: GateWait) -> Response:
         """OpenAI-compatible completions, forwarded unchanged to vLLM (``echo``, ``logprobs``, ``stream``, ...)."""
         body = await request.body()
         parsed = parse_json_object(body)
         session = service.upstream
-        await service.gate.acquire()
+        await service.gate.acquire(wait_s)
         version = service.version
         metrics.in_flight.inc()
         released = False

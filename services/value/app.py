@@ -19,7 +19,7 @@ from fastapi import FastAPI, HTTPException, Response
 from cpl.protocols import ValueResult
 from cpl.values import value_from_logit
 from services.common.request_errors import VERSION_HEADER_DOC, error_responses
-from services.gateway.app import VERSION_HEADER, create_gateway_app, gather_all, post_upstream
+from services.gateway.app import VERSION_HEADER, GateWait, create_gateway_app, gather_all, post_upstream
 from services.gateway.vllm_gateway import VLLMCallError, VLLMGateway
 from services.value.schemas import ValuesRequest, ValuesResponse
 from services.value.settings import ValueSettings
@@ -71,13 +71,13 @@ def register_value_routes(app: FastAPI, service: VLLMGateway) -> None:
         response_model=ValuesResponse,
         responses={200: {"headers": VERSION_HEADER_DOC}, **error_responses(400, 413, 422, 502, 503, 504)},
     )
-    async def values(batch: ValuesRequest) -> Response:
+    async def values(batch: ValuesRequest, wait_s: GateWait) -> Response:
         """V(s) = tanh(score-head logit) for each state."""
         if len(batch.states) > settings.max_batch_states:
             raise HTTPException(413, f"at most {settings.max_batch_states} states per request")
         texts = [state.value_prompt() for state in batch.states]
         chunks = [texts[i : i + settings.chunk_size] for i in range(0, len(texts), settings.chunk_size)]
-        async with service.gate.admit():
+        async with service.gate.admit(wait_s):
             version = service.version
             metrics.in_flight.inc()
             try:
