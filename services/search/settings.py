@@ -19,8 +19,14 @@ class SearchSettings(ServerSettings, ApiKeySettings, AdminTokenSettings):
     key_prefix: str = Field(
         default="cpl:search", min_length=1, description="prefix of every Redis key (store and Celery queues)"
     )
-    policy_url: str = Field(default="http://127.0.0.1:8001", description="the policy service")
-    value_url: str = Field(default="http://127.0.0.1:8002", description="the value service")
+    policy_url: str = Field(
+        default="http://127.0.0.1:8001",
+        description="the policy service: one URL, or its replicas' URLs separated by commas (least busy first)",
+    )
+    value_url: str = Field(
+        default="http://127.0.0.1:8002",
+        description="the value service: one URL, or its replicas' URLs separated by commas (least busy first)",
+    )
     inference_api_key: SecretStr | None = Field(
         default=None, description="bearer token sent to the policy and value services (if they require one)"
     )
