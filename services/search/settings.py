@@ -74,6 +74,14 @@ class SearchSettings(ServerSettings, ApiKeySettings, AdminTokenSettings):
     snapshot_interval_s: float = Field(
         default=1.0, gt=0, description="most seconds between two snapshots of a running tree (live tree)"
     )
+    stall_timeout_s: float = Field(
+        default=300.0,
+        gt=0,
+        description=(
+            "a slice in which no simulation completes for this long is abandoned (where its search waits is logged) "
+            "and the search resumes from its last snapshot in a new delivery"
+        ),
+    )
     events_max: int = Field(default=1000, ge=10, description="events kept per search (stream trimmed, ~)")
     retention_days: float = Field(
         default=30.0, gt=0, description="finished searches and batches expire after this long"
@@ -93,6 +101,12 @@ class SearchSettings(ServerSettings, ApiKeySettings, AdminTokenSettings):
         # A dead worker's lease must be free by the time its task is redelivered.
         if self.lease_ms >= self.visibility_timeout_s * 1000:
             raise ValueError(f"lease_ms ({self.lease_ms}) must be shorter than visibility_timeout_s")
+        # A stalled slice keeps renewing its lease: it must give up before the broker redelivers its task.
+        if self.stall_timeout_s >= self.visibility_timeout_s:
+            raise ValueError(
+                f"stall_timeout_s ({self.stall_timeout_s}) must be shorter than visibility_timeout_s "
+                f"({self.visibility_timeout_s})"
+            )
         return self
 
     @property

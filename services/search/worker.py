@@ -54,14 +54,22 @@ log = logging.getLogger(__name__)
 REDIS_ERRORS = (RedisConnectionError, RedisTimeoutError)
 
 
+REDIS_SOCKET_TIMEOUT_S = 30.0  # longer than any command of ours takes (the API's XREAD blocks 5 s at most)
+
+
 def redis_client(url: str, attempts: int = 20) -> aioredis.Redis:
-    """A Redis client that rides out a restart: commands are retried with backoff (20 attempts: ~30 s)."""
+    """A Redis client that rides out a restart: commands are retried with backoff (20 attempts: ~30 s).
+
+    Every command has a read timeout: an answer lost with a half-open connection becomes a retried TimeoutError
+    instead of an await that never returns.
+    """
     return aioredis.from_url(
         url,
         retry=Retry(ExponentialBackoff(cap=2.0, base=0.1), attempts),
         retry_on_error=[RedisConnectionError, RedisTimeoutError],
         health_check_interval=10,
         socket_connect_timeout=5,
+        socket_timeout=REDIS_SOCKET_TIMEOUT_S,
     )
 
 
@@ -156,6 +164,49 @@ class WorkerRuntime:
         with contextlib.suppress(Exception):
             self.submit(_close()).result(timeout=10)
         self.loop.call_soon_threadsafe(self.loop.stop)
+
+
+def await_chain(coro: Any) -> str:
+    """Where a suspended coroutine waits: its frame, the frame of what it awaits, and so on, down to the future."""
+    lines = []
+    while coro is not None:
+        frame = getattr(coro, "cr_frame", None) or getattr(coro, "gi_frame", None) or getattr(coro, "ag_frame", None)
+        if frame is None:  # a future, a task or another awaitable: the end of the chain
+            lines.append(f"  awaiting {coro!r}"[:400])
+            break
+        lines.append(f'  File "{frame.f_code.co_filename}", line {frame.f_lineno}, in {frame.f_code.co_name}')
+        coro = getattr(coro, "cr_await", None) or getattr(coro, "gi_yieldfrom", None) or getattr(coro, "ag_await", None)
+    return "\n".join(lines)
+
+
+class Stalled(Exception):
+    """No simulation completed for ``stall_timeout_s``; the message says where the search was waiting."""
+
+
+async def _watched(search: Coroutine[Any, Any, Tree], progress_at: list[float], stall_timeout_s: float) -> Tree:
+    """Run ``search``; cancel it and raise :class:`Stalled` once ``progress_at[0]`` is ``stall_timeout_s`` old.
+
+    Every await of a search is bounded (HTTP and Redis timeouts, grading's timeout), so a stall is a bug or a lost
+    answer somewhere; without this watchdog its lease would stay renewed and the search would stay running for
+    ever. The await chain at the moment of the stall is in the message, for the log.
+    """
+    task = asyncio.ensure_future(search)
+    try:
+        while True:
+            remaining = progress_at[0] + stall_timeout_s - time.monotonic()
+            done, _ = await asyncio.wait({task}, timeout=max(0.0, min(remaining, 5.0)))
+            if done:
+                return task.result()
+            if time.monotonic() - progress_at[0] >= stall_timeout_s:
+                raise Stalled(
+                    f"no simulation completed for {stall_timeout_s:g} s; the search waited at:\n"
+                    + await_chain(task.get_coro())
+                )
+    finally:
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
 
 async def _heartbeat(store: SearchStore, search_id: str, token: str, lease_ms: int, lost: asyncio.Event) -> None:
@@ -282,8 +333,11 @@ async def _run_claimed(rt: WorkerRuntime, search_id: str, claim: Claim, token: s
             stop_reason = "slice"
         return bool(stop_reason)
 
+    progress_at = [time.monotonic()]  # when the last simulation completed (the stall watchdog reads it)
+
     async def on_progress(t: Tree) -> None:
         nonlocal last_snapshot
+        progress_at[0] = time.monotonic()
         # The live tree: at most snapshot_interval_s behind the search (plus one simulation).
         if not t.finished and time.monotonic() - last_snapshot >= s.snapshot_interval_s:
             last_snapshot = time.monotonic()
@@ -291,7 +345,14 @@ async def _run_claimed(rt: WorkerRuntime, search_id: str, claim: Claim, token: s
             await flush_stats()
 
     try:
-        await mcts.search(tree, on_progress=on_progress, should_cancel=should_stop)
+        await _watched(
+            mcts.search(tree, on_progress=on_progress, should_cancel=should_stop), progress_at, s.stall_timeout_s
+        )
+    except Stalled as exc:
+        # The tree in memory may hold half a simulation: nothing of it is written; the next delivery resumes the
+        # last snapshot.
+        log.error("search stalled; slice abandoned", extra={"search_id": search_id, "error": str(exc)})
+        return "stalled"
     except SearchCancelled:
         if stop_reason == "slice":
             await store.commit(
@@ -345,7 +406,7 @@ def register_tasks(app: Celery, settings: SearchSettings, runtime: Callable[[], 
                 log.warning("Redis unavailable; slice retried", extra={"search_id": search_id, "error": str(exc)})
                 time.sleep(delay)
                 delay = min(delay * 2, 10.0)
-        if outcome == "continue":
+        if outcome in ("continue", "stalled"):
             run_search.apply_async(args=(search_id,))
         elif outcome == "duplicate":
             # Another delivery holds the search. This message may be the only one left for it (the broker

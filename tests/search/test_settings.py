@@ -54,3 +54,8 @@ def test_cli_exits_2_on_bad_settings():
         result = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
         assert result.returncode == 2, result.stderr[-2000:]
         assert "invalid search settings" in result.stderr and "slice_seconds" in result.stderr
+
+
+def test_a_stall_timeout_past_the_visibility_timeout_is_refused():
+    with pytest.raises(ValidationError, match="stall_timeout_s"):
+        SearchSettings(stall_timeout_s=700, visibility_timeout_s=600)
