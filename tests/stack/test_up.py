@@ -103,6 +103,8 @@ def test_up_runs_the_demo_serves_submit_and_export_and_stops_clean_on_sigterm(tm
         "CPL_SEARCH_API_KEY": API_KEY,
         "DEMO_KEEP": "1",
         "PYTHONUNBUFFERED": "1",
+        # A search that stalls is resumed (and where it waited is logged in RUN_DIR/logs) well within this test.
+        "CPL_SEARCH_STALL_TIMEOUT_S": "90",
     }
     argv = [*CPL, "up", "--demo", "2", "--demo-simulations", "4", "--trainer"]
     argv += ["--port", str(port), "--run-dir", str(run_dir)]
