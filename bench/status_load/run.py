@@ -9,8 +9,9 @@ Each round runs three windows of ``--seconds`` (default 30) over a fresh batch, 
 * ``plain``: ``--pollers`` clients each polling one running search of the batch, full answers;
 * ``etag``: the same with ``If-None-Match`` (the ETag of the previous answer: mostly 304s).
 
-Each poller sends one request, waits ``--interval`` seconds, and so on (a dashboard polls every 2 s; 1 s is
-twice that). Throughput is the batch's simulations done in the window per second (read from the API before and
+Each poller starts at a random moment within the first ``--interval`` seconds (independent dashboards do not
+poll in step), then sends one request, waits ``--interval`` seconds, and so on (a dashboard polls every 2 s; 1 s
+is twice that). Throughput is the batch's simulations done in the window per second (read from the API before and
 after); latency is measured by the client per request; an error is any transport failure or a status other
 than 200/304. The report gives medians over rounds, and the ratio of throughput with pollers to without.
 """
@@ -21,6 +22,7 @@ import argparse
 import asyncio
 import json
 import os
+import random
 import statistics
 import time
 from pathlib import Path
@@ -40,6 +42,8 @@ async def poller(
     client: httpx.AsyncClient, path: str, etag_mode: bool, stop: float, interval: float, out: dict
 ) -> None:
     etag = None
+    # Independent dashboards do not poll in step: each starts at its own moment within the interval.
+    await asyncio.sleep(random.uniform(0, interval))
     while time.monotonic() < stop:
         headers = {"If-None-Match": etag} if etag_mode and etag else {}
         t0 = time.perf_counter()

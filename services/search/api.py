@@ -52,7 +52,7 @@ from services.search.schemas import (
     SearchStatus,
 )
 from services.search.settings import SearchSettings
-from services.search.store import SearchStore, StoredSearch
+from services.search.store import SearchStore, StoredSearch, search_etag
 from services.search.worker import redis_client
 from services.trainer.api import include_trainer_routes
 from services.value.client import ValueClient
@@ -413,6 +413,11 @@ def create_search_app(settings: SearchSettings | None = None) -> FastAPI:
         search_id: str, if_none_match: Annotated[str | None, Header(max_length=400)] = None
     ) -> Response:
         """The search. A strong ``ETag``; ``If-None-Match`` with it answers 304 while nothing changed."""
+        if if_none_match and len(search_id) <= 200:
+            # A poller's usual case: the version counter alone decides, no record is read or parsed.
+            version = await api.store.version(search_id)
+            if version is not None and _etag_matches(if_none_match, search_etag(search_id, version)):
+                return Response(status_code=304, headers={"ETag": search_etag(search_id, version)})
         stored = await _get(search_id)
         if _etag_matches(if_none_match, stored.etag):
             return Response(status_code=304, headers={"ETag": stored.etag})

@@ -131,7 +131,12 @@ class StoredSearch:
 
     @property
     def etag(self) -> str:
-        return f'"{self.record.id}-{self.version}"'
+        return search_etag(self.record.id, self.version)
+
+
+def search_etag(search_id: str, version: int) -> str:
+    """The strong ETag of a search record: its id and its version counter (bumped by every write)."""
+    return f'"{search_id}-{version}"'
 
 
 class SearchStore:
@@ -168,6 +173,11 @@ class SearchStore:
         parsed.status = SearchStatus(status.decode())
         parsed.attempts = int(attempt or 0)
         return StoredSearch(parsed, int(version or 0))
+
+    async def version(self, search_id: str) -> int | None:
+        """The record's version counter alone (what a conditional GET compares), or None if there is no search."""
+        version = await self.redis.hget(self.keys.search(search_id), "version")
+        return None if version is None else int(version)
 
     async def get_many(self, ids: list[str]) -> list[SearchRecord]:
         pipe = self.redis.pipeline(transaction=False)
