@@ -33,8 +33,6 @@ from cpl.training.config import PreferenceConfig, SFTConfig, ValueConfig
 
 log = logging.getLogger(__name__)
 
-STAGES = ("search", "sft", "step_apo", "step_dpo", "value", "eval")
-
 
 class RoundSettingsError(ValueError):
     """The round cannot run with these settings (e.g. round 2 without the round-1 models)."""
@@ -212,7 +210,9 @@ class Round:
         settings_path = self.run / "round.json"
         if not settings_path.is_file():
             settings_path.write_text(self.settings.model_dump_json(indent=2))
-        stages = [s for s in STAGES if s != "step_dpo" or self.settings.baselines]
+        # The training stages and their order are training_steps', which the stack's rounds run too.
+        training = [t.stage for t in training_steps(self.settings.round, self.settings.baselines)]
+        stages = ["search", *training, "eval"]
         for stage in stages:
             if self.record(stage) is not None:
                 if on_stage:

@@ -74,12 +74,12 @@ class SearchSettings(ServerSettings, ApiKeySettings, AdminTokenSettings):
     snapshot_interval_s: float = Field(
         default=1.0, gt=0, description="most seconds between two snapshots of a running tree (live tree)"
     )
-    stall_timeout_s: float = Field(
-        default=300.0,
+    stall_timeout_s: float | None = Field(
+        default=None,
         gt=0,
         description=(
             "a slice in which no simulation completes for this long is abandoned (where its search waits is logged) "
-            "and the search resumes from its last snapshot in a new delivery"
+            "and the search resumes from its last snapshot in a new delivery; unset: half the visibility timeout"
         ),
     )
     events_max: int = Field(default=1000, ge=10, description="events kept per search (stream trimmed, ~)")
@@ -89,6 +89,11 @@ class SearchSettings(ServerSettings, ApiKeySettings, AdminTokenSettings):
     client_timeout_s: float = Field(default=600.0, gt=0, description="worker -> inference request timeout")
     client_retries: int = Field(default=6, ge=0, description="retries of a failed inference request")
     client_max_backoff_s: float = Field(default=10.0, gt=0, description="longest wait between two retries")
+
+    @property
+    def stall_after_s(self) -> float:
+        """The stall timeout in force (``stall_timeout_s``, else half the visibility timeout)."""
+        return self.stall_timeout_s if self.stall_timeout_s is not None else self.visibility_timeout_s / 2
 
     @model_validator(mode="after")
     def _slices_fit_the_visibility_timeout(self) -> SearchSettings:
@@ -102,7 +107,7 @@ class SearchSettings(ServerSettings, ApiKeySettings, AdminTokenSettings):
         if self.lease_ms >= self.visibility_timeout_s * 1000:
             raise ValueError(f"lease_ms ({self.lease_ms}) must be shorter than visibility_timeout_s")
         # A stalled slice keeps renewing its lease: it must give up before the broker redelivers its task.
-        if self.stall_timeout_s >= self.visibility_timeout_s:
+        if self.stall_timeout_s is not None and self.stall_timeout_s >= self.visibility_timeout_s:
             raise ValueError(
                 f"stall_timeout_s ({self.stall_timeout_s}) must be shorter than visibility_timeout_s "
                 f"({self.visibility_timeout_s})"

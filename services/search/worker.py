@@ -346,7 +346,7 @@ async def _run_claimed(rt: WorkerRuntime, search_id: str, claim: Claim, token: s
 
     try:
         await _watched(
-            mcts.search(tree, on_progress=on_progress, should_cancel=should_stop), progress_at, s.stall_timeout_s
+            mcts.search(tree, on_progress=on_progress, should_cancel=should_stop), progress_at, s.stall_after_s
         )
     except Stalled as exc:
         # The tree in memory may hold half a simulation: nothing of it is written; the next delivery resumes the

@@ -59,3 +59,8 @@ def test_cli_exits_2_on_bad_settings():
 def test_a_stall_timeout_past_the_visibility_timeout_is_refused():
     with pytest.raises(ValidationError, match="stall_timeout_s"):
         SearchSettings(stall_timeout_s=700, visibility_timeout_s=600)
+
+
+def test_the_stall_timeout_defaults_to_half_the_visibility_timeout():
+    assert SearchSettings(visibility_timeout_s=30, slice_seconds=10).stall_after_s == 15
+    assert SearchSettings(visibility_timeout_s=600, stall_timeout_s=90).stall_after_s == 90

@@ -491,18 +491,31 @@
     const showGate = operatorGate(poller);
   }
 
-  function trainingView() {
+  // A training's or a round's page: polls `path` with the operator key (the gate asks for it), draws the item with
+  // `render`, and stops once it is final; its cancel button posts to `${path}/cancel`.
+  function operatorPage(path, render) {
     const cancel = $("cancel");
-    const path = `/v1/trainings/${encodeURIComponent(itemId)}`;
     const poller = poll(async () => {
-      let t;
+      let item;
       try {
-        t = await opApi(path);
+        item = await opApi(path);
       } catch (err) {
         if (!(err instanceof OperatorNeeded)) throw err;
         showGate(err);
         return true;
       }
+      render(item);
+      const final = FINAL.has(item.status);
+      cancel.hidden = final;
+      body.dataset.status = item.status;
+      return !final;
+    });
+    const showGate = operatorGate(poller);
+    onOperatorCancel(cancel, path, poller);
+  }
+
+  function trainingView() {
+    operatorPage(`/v1/trainings/${encodeURIComponent(itemId)}`, (t) => {
       const items = [
         el("p", {}, statusBadge(t.status), " ", progressBar(t.step || 0, t.total_steps || 0,
           `step ${t.step || 0}/${t.total_steps ?? "?"}`), ` · epoch ${t.epoch ?? "–"}`),
@@ -518,13 +531,7 @@
       $("training-metrics")
         .querySelector("tbody")
         .replaceChildren(...metrics.map(([k, v]) => el("tr", {}, el("th", { text: k }), el("td", { text: v }))));
-      const final = FINAL.has(t.status);
-      cancel.hidden = final;
-      body.dataset.status = t.status;
-      return !final;
     });
-    const showGate = operatorGate(poller);
-    onOperatorCancel(cancel, path, poller);
   }
 
   // The cancel button of a training's or a round's page (operator routes).
@@ -560,17 +567,7 @@
   }
 
   function roundView() {
-    const cancel = $("cancel");
-    const path = `/v1/rounds/${encodeURIComponent(itemId)}`;
-    const poller = poll(async () => {
-      let r;
-      try {
-        r = await opApi(path);
-      } catch (err) {
-        if (!(err instanceof OperatorNeeded)) throw err;
-        showGate(err);
-        return true;
-      }
+    operatorPage(`/v1/rounds/${encodeURIComponent(itemId)}`, (r) => {
       const done = r.stages.filter(stageDone).length;
       const items = [
         el("p", {}, statusBadge(r.status), " ", progressBar(done, r.stages.length, `${done}/${r.stages.length} stages`),
@@ -602,13 +599,7 @@
             el("td", { class: "num", text: r.accuracy[String(n)] === undefined ? "–" : pct(r.accuracy[String(n)]) }));
         }),
       );
-      const final = FINAL.has(r.status);
-      cancel.hidden = final;
-      body.dataset.status = r.status;
-      return !final;
     });
-    const showGate = operatorGate(poller);
-    onOperatorCancel(cancel, path, poller);
   }
 
   // --- start -------------------------------------------------------------------------------------------------
