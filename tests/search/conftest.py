@@ -197,6 +197,7 @@ def search_env(prefix: str, policy_url: str, value_url: str) -> dict[str, str]:
             # redelivered after it.
             "CPL_SEARCH_VISIBILITY_TIMEOUT_S": "30",
             "CPL_SEARCH_LEASE_MS": "5000",
+            "CPL_SEARCH_STALL_TIMEOUT_S": "25",  # under the visibility timeout, above a slow simulation
             "CPL_SEARCH_SNAPSHOT_INTERVAL_S": "0.5",
             "CPL_SEARCH_CLIENT_RETRIES": "3",
             "CPL_SEARCH_CLIENT_MAX_BACKOFF_S": "1",
