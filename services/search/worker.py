@@ -288,7 +288,8 @@ async def _run_claimed(rt: WorkerRuntime, search_id: str, claim: Claim, token: s
                 code="redelivered",
                 message=(
                     f"the search's task was delivered {claim.redeliveries + 1} times without finishing a slice "
-                    f"(its worker was lost, or the slice stalled, each time); gave up after CPL_SEARCH_MAX_REDELIVERIES={s.max_redeliveries}"
+                    "(its worker was lost, or the slice stalled, each time); "
+                    f"gave up after CPL_SEARCH_MAX_REDELIVERIES={s.max_redeliveries}"
                 ),
             ),
         )
