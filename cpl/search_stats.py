@@ -42,10 +42,24 @@ class SearchStats(BaseModel):
     solution_pairs: int
     sft: int = Field(description="SFT rows")
     value: int = Field(description="value rows")
+    root_expansions: int = Field(default=0, description="expanded roots")
+    root_children: int = Field(default=0, description="distinct children kept by those root expansions")
+    expansions: int = Field(default=0, description="expanded nodes below the root")
+    children: int = Field(default=0, description="distinct children kept by those expansions")
 
     @property
     def pos_neg(self) -> str:
         return "n/a" if self.negatives_per_positive is None else f"1:{self.negatives_per_positive:.2f}"
+
+    @property
+    def children_per_root_expansion(self) -> float | None:
+        """Distinct steps an expansion of the root kept (the paper asks for 5 samples)."""
+        return self.root_children / self.root_expansions if self.root_expansions else None
+
+    @property
+    def children_per_expansion(self) -> float | None:
+        """Distinct steps an expansion below the root kept (the paper asks for 3 samples)."""
+        return self.children / self.expansions if self.expansions else None
 
 
 def compute_stats(trees: Sequence[Tree], counts: Mapping[str, int]) -> SearchStats:
@@ -55,6 +69,7 @@ def compute_stats(trees: Sequence[Tree], counts: Mapping[str, int]) -> SearchSta
     plans = [n for t in trees for n in t.nodes if n.kind is StepKind.PLAN and has_search_value(t, n)]
     positive = sum(1 for n in plans if n.V > 0)
     negative = sum(1 for n in plans if n.V < 0)
+    expanded = [(n, len(n.children)) for t in trees for n in t.nodes if n.expanded]
     return SearchStats(
         trees=len(trees),
         simulations=sum(t.simulations_done for t in trees),
@@ -70,6 +85,10 @@ def compute_stats(trees: Sequence[Tree], counts: Mapping[str, int]) -> SearchSta
         solution_pairs=counts.get("solution_pairs", 0),
         sft=counts.get("sft", 0),
         value=counts.get("value", 0),
+        root_expansions=sum(1 for n, _ in expanded if n.depth == 0),
+        root_children=sum(k for n, k in expanded if n.depth == 0),
+        expansions=sum(1 for n, _ in expanded if n.depth > 0),
+        children=sum(k for n, k in expanded if n.depth > 0),
     )
 
 
@@ -125,8 +144,12 @@ def _one_line(text: str, width: int) -> str:
     return line if len(line) <= width else line[: width - 1] + "…"
 
 
+def _per(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
+
+
 def format_table1(stats: SearchStats) -> str:
-    depth = "n/a" if stats.avg_depth_correct is None else f"{stats.avg_depth_correct:.2f}"
+    depth = _per(stats.avg_depth_correct)
     return "\n".join(
         [
             "Table 1 (paper §4.1) for this search:",
@@ -137,6 +160,8 @@ def format_table1(stats: SearchStats) -> str:
             f"  SFT rows / value rows           {stats.sft} / {stats.value}",
             f"  solved trees                    {stats.solved_trees} of {stats.trees} "
             f"({stats.correct_solutions} correct, {stats.incorrect_solutions} wrong solution steps)",
+            f"  distinct children / expansion   root {_per(stats.children_per_root_expansion)}, "
+            f"below {_per(stats.children_per_expansion)}",
         ]
     )
 

@@ -30,6 +30,9 @@ def test_table1_by_hand(tmp_path):
     assert (stats.plan_pairs, stats.solution_pairs, stats.sft, stats.value) == (1, 1, 2, 7)
     assert (stats.correct_solutions, stats.incorrect_solutions, stats.solved_trees) == (2, 2, 1)
     assert (stats.trees, stats.nodes, stats.simulations) == (1, 11, 0)
+    # expanded: the root (a, b, e, f), a (four solutions) and b (c, d)
+    assert (stats.root_expansions, stats.root_children, stats.expansions, stats.children) == (1, 4, 2, 6)
+    assert (stats.children_per_root_expansion, stats.children_per_expansion) == (4.0, 3.0)
 
 
 def test_no_correct_solution_has_no_depth():
