@@ -13,10 +13,13 @@ tokens) after the other, without pause, routed in one of two ways:
   one skipped (``Prefer: wait=0``, ``services/common/client.py``).
 
 Each round runs both routings in turn: ``--window`` seconds of load alone (the baseline), then a deployment
-(sft-1 and sft-2 alternate) under the same load. Per round: the baseline's median and longest request, the
-longest request that overlapped the deployment, the extra wait a request saw (longest during the deployment minus
-the baseline median), each replica's swap time, and failed requests (must be 0). Medians over rounds at the end,
-per routing.
+(sft-1 and sft-2 alternate) under the same load. The clients run in a process of their own (wall-clock times),
+so the deployment's transformers probe in this process cannot delay them. Per round: the baseline's median and
+longest request, the longest request that overlapped the deployment (which includes the deployer computing the
+transformers probe on the same two cores), the longest request that overlapped a replica's swap (the swap's own
+effect), the extra waits (each minus the baseline median), each replica's swap time, and failed requests (must
+be 0). Medians
+over rounds at the end, per routing.
 
     .venv/bin/python bench/deploy_pause/run.py --rounds 5
 """
@@ -34,6 +37,7 @@ import sys
 import tempfile
 import time
 import uuid
+from datetime import datetime
 from pathlib import Path
 
 import redis
@@ -63,57 +67,84 @@ def publish(settings: TrainerSettings, tmp: Path) -> None:
         )
 
 
-async def one_round(settings: TrainerSettings, urls: list[str], checkpoint: str, routing: str, args) -> dict:
+async def load(urls: list[str], routing: str, clients: int, max_tokens: int) -> dict:
+    """The load generator (``--load``, its own process): requests until stdin closes, then every request's
+    wall-clock (start, end) and the failures, as JSON on stdout."""
     request = ExpandRequest(
-        state=State(question=PROBE_QUESTION), n=1, temperature=0.0, max_tokens=args.max_tokens, few_shot=False
+        state=State(question=PROBE_QUESTION), n=1, temperature=0.0, max_tokens=max_tokens, few_shot=False
     )
-    records: list[tuple[float, float]] = []  # (start, end) of each request
+    records: list[tuple[float, float]] = []
     failures: list[str] = []
     stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_reader(sys.stdin.fileno(), lambda: stop.set() if not sys.stdin.buffer.read1(1) else None)
     targets = urls if routing == "pinned" else [",".join(urls)]
-    clients = [PolicyClient(target, retries=0, max_connections=args.clients) for target in targets]
+    pool = [PolicyClient(target, retries=0, max_connections=clients) for target in targets]
 
-    async def worker(i: int) -> None:
-        client = clients[i % len(clients)]
+    async def client(i: int) -> None:
+        policy = pool[i % len(pool)]
         while not stop.is_set():
-            start = time.perf_counter()
+            start = time.time()
             try:
-                await client.expand([request])
+                await policy.expand([request])
             except Exception as exc:  # counted and reported: a deployment must not fail requests
                 failures.append(repr(exc))
                 continue
-            records.append((start, time.perf_counter()))
+            records.append((start, time.time()))
 
-    workers = [asyncio.create_task(worker(i)) for i in range(args.clients)]
+    await asyncio.gather(*(client(i) for i in range(clients)))
+    for policy in pool:
+        await policy.aclose()
+    return {"records": records, "failures": failures}
+
+
+async def deploy(settings: TrainerSettings, checkpoint: str):
     redis_client = aioredis.Redis.from_url(settings.redis_url)
     try:
-        await asyncio.sleep(args.window)
-        deploy_start = time.perf_counter()
-        deployment = await Deployer(settings, redis_client).deploy(
+        return await Deployer(settings, redis_client).deploy(
             DeploymentRequest(targets=[DeploymentTarget(service="policy", checkpoint=checkpoint)])
         )
-        deploy_end = time.perf_counter()
-        await asyncio.sleep(1.0)
     finally:
-        stop.set()
-        await asyncio.gather(*workers)
-        for client in clients:
-            await client.aclose()
         await redis_client.aclose()
+
+
+def one_round(settings: TrainerSettings, urls: list[str], checkpoint: str, routing: str, args) -> dict:
+    # The clients run in a process of their own: the deployment's transformers probe in this one must not
+    # delay them (the GIL, torch's threads), or the figures would measure this process instead of the replicas.
+    argv = [sys.executable, __file__, "--load", ",".join(urls), "--routing", routing]
+    argv += ["--clients", str(args.clients), "--max-tokens", str(args.max_tokens)]
+    loader = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    time.sleep(args.window)
+    deploy_start = time.time()
+    deployment = asyncio.run(deploy(settings, checkpoint))
+    deploy_end = time.time()
+    time.sleep(1.0)
+    out, _ = loader.communicate(input="", timeout=300)
+    result = json.loads(out)
     if deployment.status != "succeeded":
         raise RuntimeError(f"deployment failed: {deployment.error}")
+    records = result["records"]
     baseline = [end - start for start, end in records if end < deploy_start]
     during = [end - start for start, end in records if end > deploy_start and start < deploy_end]
+    swaps = [
+        (t0, t0 + o.swap_seconds)
+        for o in deployment.replicas
+        for t0 in [datetime.fromisoformat(o.swap_started_at).timestamp()]
+    ]
+    # The swap's own effect: the requests that overlapped a replica's swap (drain, reload, probe in the gateway).
+    during_swaps = [end - start for start, end in records if any(end > a and start < b for a, b in swaps)]
     median = statistics.median(baseline)
     return {
         "routing": routing,
         "checkpoint": checkpoint,
         "requests": len(records),
-        "failed": len(failures),
+        "failed": len(result["failures"]),
         "baseline_median_s": round(median, 3),
         "baseline_max_s": round(max(baseline), 3),
         "during_max_s": round(max(during), 3),
         "extra_wait_s": round(max(during) - median, 3),
+        "during_swaps_max_s": round(max(during_swaps, default=0.0), 3),
+        "swap_extra_wait_s": round(max(during_swaps, default=median) - median, 3),
         "deployment_s": round(deploy_end - deploy_start, 3),
         "swap_s": [o.swap_seconds for o in deployment.replicas],
     }
@@ -125,7 +156,12 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--window", type=float, default=5.0, help="seconds of load before each deployment")
     parser.add_argument("--max-tokens", type=int, default=24)
+    parser.add_argument("--load", default=None, help=argparse.SUPPRESS)  # the load generator's process
+    parser.add_argument("--routing", default="pinned", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.load:
+        print(json.dumps(asyncio.run(load(args.load.split(","), args.routing, args.clients, args.max_tokens))))
+        return
 
     from cpl.models.tiny import build_tiny_models
 
@@ -161,13 +197,21 @@ def main() -> None:
             for routing, rounds in results.items():
                 checkpoint = ["sft-1", "sft-2"][deployments % 2]
                 deployments += 1
-                result = asyncio.run(one_round(settings, settings.policy_replicas, checkpoint, routing, args))
+                result = one_round(settings, settings.policy_replicas, checkpoint, routing, args)
                 print(json.dumps(result), flush=True)
                 rounds.append(result)
         for routing, rounds in results.items():
             summary = {
                 key: statistics.median(r[key] for r in rounds)
-                for key in ("baseline_median_s", "baseline_max_s", "during_max_s", "extra_wait_s", "deployment_s")
+                for key in (
+                    "baseline_median_s",
+                    "baseline_max_s",
+                    "during_max_s",
+                    "extra_wait_s",
+                    "during_swaps_max_s",
+                    "swap_extra_wait_s",
+                    "deployment_s",
+                )
             }
             summary["failed_total"] = sum(r["failed"] for r in rounds)
             summary["requests_total"] = sum(r["requests"] for r in rounds)

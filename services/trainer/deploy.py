@@ -81,6 +81,7 @@ class ReplicaOutcome(BaseModel):
     previous_checkpoint: str | None = None
     status: ReplicaStatus = "pending"
     error: str | None = None
+    swap_started_at: str | None = Field(default=None, description="when its swap was sent (ISO 8601, UTC)")
     swap_seconds: float | None = None
 
 
@@ -250,6 +251,7 @@ class Deployer:
                 for outcome in [o for o in deployment.replicas if o.service == target.service]:
                     client = clients[outcome.url]
                     try:
+                        outcome.swap_started_at = datetime.now(UTC).isoformat()
                         started = time.perf_counter()
                         await client.swap_checkpoint(target.checkpoint, version)
                         outcome.status = "swapped"

@@ -18,6 +18,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import pytest
 import redis
 import redis.asyncio as aioredis
@@ -137,19 +138,30 @@ LOAD_REQUESTS = [
 ]
 
 
+def _expand_503s(service: RunningService) -> float:
+    """The 503s the gateway answered on /v1/expand (its Prometheus counter)."""
+    text = httpx.get(f"{service.url}/metrics", timeout=30).text
+    line = 'cpl_policy_requests_total{endpoint="/v1/expand",status="503"}'
+    return sum(float(row.split()[-1]) for row in text.splitlines() if row.startswith(line))
+
+
 def test_deployment_under_load_swaps_every_replica_and_no_request_fails(stack):
-    """50 clients send /v1/expand to both replicas without pause while sft-1 is deployed."""
+    """50 clients send /v1/expand to both replicas without pause while sft-1 is deployed: 40 pinned to one replica
+    each (they wait at its gate during its swap), 10 holding both URLs (a swapping replica answers them 503 at
+    once, ``Prefer: wait=0``, and they go to the other)."""
     before = _versions(stack.policy)
     assert before == ["1", "1"]
+    refused_before = sum(_expand_503s(s) for s in stack.policy)
 
     async def scenario():
         done = asyncio.Event()
         seen: list[tuple[int, str, float]] = []
         errors: list[BaseException] = []
         clients = [PolicyClient(s.url, retries=0, max_connections=64) for s in stack.policy]
+        both = PolicyClient(",".join(s.url for s in stack.policy), retries=0, max_connections=64)
 
         async def worker(i: int) -> None:
-            client = clients[i % 2]
+            client = clients[i % 2] if i < 40 else both
             while not done.is_set():
                 start = time.perf_counter()
                 try:
@@ -157,7 +169,7 @@ def test_deployment_under_load_swaps_every_replica_and_no_request_fails(stack):
                 except Exception as exc:  # every failure is counted and reported by the assertion below
                     errors.append(exc)
                     return
-                seen.append((i % 2, result.model_version, time.perf_counter() - start))
+                seen.append((i % 2 if i < 40 else -1, result.model_version, time.perf_counter() - start))
 
         workers = [asyncio.create_task(worker(i)) for i in range(50)]
         try:
@@ -167,7 +179,7 @@ def test_deployment_under_load_swaps_every_replica_and_no_request_fails(stack):
         finally:
             done.set()
             await asyncio.gather(*workers)
-            for client in clients:
+            for client in [*clients, both]:
                 await client.aclose()
         return deployment, seen, errors
 
@@ -182,6 +194,9 @@ def test_deployment_under_load_swaps_every_replica_and_no_request_fails(stack):
         assert versions[0] == "1" and versions[-1] == "sft-1", replica
         # each replica switched once: old answers, then new ones, never old after new
         assert versions == sorted(versions, key=lambda v: v == "sft-1")
+    # the clients holding both URLs were answered 503 at once by a swapping replica, and served by the other
+    assert [v for r, v, _ in seen if r == -1], "the two-replica clients were served"
+    assert sum(_expand_503s(s) for s in stack.policy) > refused_before
     longest = max(latency for _, _, latency in seen)
     print(f"\nrequests: {len(seen)}, longest request during the deployment: {longest:.2f}s")
     expected = policy_probe(stack.root / "sft-1", stack.settings.probe_max_tokens)
