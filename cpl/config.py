@@ -33,6 +33,16 @@ class SearchConfig(BaseModel):
     )
     root_children: int = Field(default=5, ge=1, le=64, description="candidates sampled at the root")
     children: int = Field(default=3, ge=1, le=64, description="candidates sampled at other nodes")
+    draw_budget: float = Field(
+        default=2.0,
+        ge=1.0,
+        le=8.0,
+        description=(
+            "an expansion that kept fewer distinct steps than root_children / children samples again for the "
+            "missing ones, up to this many times that count in all (1: one round of samples); "
+            "docs/decisions/006-distinct-expansions.md"
+        ),
+    )
     temperature: float = Field(
         default=0.7, ge=0.0, le=5.0, description="sampling temperature of the policy's candidate steps (0: greedy)"
     )

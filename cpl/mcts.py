@@ -90,29 +90,43 @@ class MCTS:
         return node
 
     async def expand(self, tree: Tree, node: Node) -> None:
-        """Sample the node's children and give each an initial value (step 3 of a simulation)."""
+        """Sample the node's children and give each an initial value (step 3 of a simulation).
+
+        The paper's count of samples (5 at the root, 3 elsewhere) is the target of distinct steps: while fewer came
+        back, the policy is asked again for the missing ones, within ``draw_budget`` times the count in all, and
+        not after a round that brought nothing new (docs/decisions/006-distinct-expansions.md).
+        """
         config = tree.config
-        request = ExpandRequest(
-            state=tree.state(node),
-            n=config.root_children if node.depth == 0 else config.children,
-            temperature=config.temperature,
-            max_tokens=config.max_step_tokens,
-            force_solution=node.depth >= config.max_depth - 1,
-            few_shot=config.few_shot,
-        )
-        (result,) = await self.policy.expand([request])
-        kept: dict[tuple[StepKind, str], Candidate] = {}
-        for cand in result.candidates:
-            # A step cut off by the token limit is not a step; identical siblings are one action.
-            if cand.finish_reason != "length" and cand.text and (cand.kind, cand.text) not in kept:
-                kept[(cand.kind, cand.text)] = cand
+        wanted = config.root_children if node.depth == 0 else config.children
+        budget = math.floor(wanted * config.draw_budget)
+        kept: dict[tuple[StepKind, str], tuple[Candidate, str]] = {}
+        drawn = 0
+        while len(kept) < wanted and drawn < budget:
+            n = min(wanted - len(kept), budget - drawn)
+            request = ExpandRequest(
+                state=tree.state(node),
+                n=n,
+                temperature=config.temperature,
+                max_tokens=config.max_step_tokens,
+                force_solution=node.depth >= config.max_depth - 1,
+                few_shot=config.few_shot,
+            )
+            (result,) = await self.policy.expand([request])
+            drawn += n
+            before = len(kept)
+            for cand in result.candidates:
+                # A step cut off by the token limit is not a step; identical siblings are one action.
+                if cand.finish_reason != "length" and cand.text and (cand.kind, cand.text) not in kept:
+                    kept[(cand.kind, cand.text)] = (cand, result.model_version)
+            if len(kept) == before:
+                break  # nothing new: the node's samples have collapsed, more draws would repeat them
         node.expanded = True
         if not kept:
             node.dead_end = True
             node.V = DEAD_END_VALUE
             return
-        candidates = list(kept.values())
-        for cand, prior in zip(candidates, priors(candidates, config.prior), strict=True):
+        candidates = [cand for cand, _ in kept.values()]
+        for (cand, version), prior in zip(kept.values(), priors(candidates, config.prior), strict=True):
             tree.add_child(
                 node,
                 kind=cand.kind,
@@ -120,7 +134,7 @@ class MCTS:
                 prior=prior,
                 logprob=cand.logprob,
                 num_tokens=cand.num_tokens,
-                model_version=result.model_version,
+                model_version=version,
             )
         await self.initial_values(tree, tree.children(node))
 

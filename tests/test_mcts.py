@@ -81,7 +81,10 @@ def test_expansion_widths_merging_and_dropping():
     assert len(texts) == len(set(texts)) == 5  # duplicate merged, truncated candidate dropped
     assert "Plan 1: cut" not in texts
     assert policy.calls[0].n == 5 and policy.calls[0].temperature == 0.7
-    assert all(r.n == 3 for r in policy.calls[1:])
+    first_asks = {}  # each node's first request asks for the paper's count; later ones for the missing steps
+    for r in policy.calls[1:]:
+        first_asks.setdefault(str(r.state.steps), r.n)
+    assert set(first_asks.values()) == {3}
     assert all(r.force_solution == (len(r.state.steps) >= 5) for r in policy.calls)
 
 
@@ -190,3 +193,68 @@ def test_many_trees_batch_together():
     out = run(mcts.search_many(trees, max_concurrent=8))
     assert [t.simulations_done for t in out] == [10] * 8
     assert CountingPolicy.peak == 8  # all eight trees waited on the policy at the same time
+
+
+class SamplingPolicy:
+    """Samples each step from a small vocabulary (seeded): duplicates are frequent, as with a small planner."""
+
+    def __init__(self, vocabulary: int, seed: int = 0) -> None:
+        import random
+
+        self.rng = random.Random(seed)
+        self.vocabulary = vocabulary
+        self.calls = []
+
+    async def expand(self, requests):
+        from cpl.protocols import ExpandResult
+
+        self.calls.extend(requests)
+        results = []
+        for r in requests:
+            depth = len(r.state.steps) + 1
+            texts = [f"Plan {depth}: option {self.rng.randrange(self.vocabulary)}" for _ in range(r.n)]
+            cands = [
+                Candidate(kind=StepKind.PLAN, text=t, num_tokens=3, logprob=-1.0, finish_reason="stop") for t in texts
+            ]
+            results.append(ExpandResult(candidates=cands, model_version="sampling-1"))
+        return results
+
+
+def _expand_root(policy, **config) -> Tree:
+    from tests.scripted import ScriptedValue
+
+    mcts = MCTS(policy, ScriptedValue(), SearchConfig(**config))
+    tree = mcts.new_tree("t", "Q?", GOLD)
+    run(mcts.expand(tree, tree.root))
+    return tree
+
+
+@pytest.mark.parametrize("vocabulary", [1, 2, 3, 4, 8, 50])
+@pytest.mark.parametrize("budget", [1.0, 1.5, 2.0, 4.0])
+def test_sampling_until_distinct_never_keeps_duplicates_nor_exceeds_its_draws(vocabulary, budget):
+    for seed in range(20):
+        policy = SamplingPolicy(vocabulary, seed)
+        tree = _expand_root(policy, root_children=5, draw_budget=budget)
+        texts = [c.text for c in tree.children(tree.root)]
+        assert len(texts) == len(set(texts)) <= 5
+        drawn = sum(r.n for r in policy.calls)
+        assert drawn <= math.floor(5 * budget), (drawn, budget)
+        assert policy.calls[0].n == 5
+        if budget == 1.0:
+            assert len(policy.calls) == 1  # one round of samples, as the paper
+        # it stops early only for a reason: all five, the budget spent, or a round that brought nothing new
+        if len(texts) < 5 and drawn < math.floor(5 * budget):
+            last = policy.calls[-1]
+            assert len(policy.calls) > 1 or vocabulary == 1, "a short first round is followed by another"
+            assert last.n == 5 - len(texts) or len(policy.calls) == 1
+
+
+def test_sampling_again_finds_the_missing_distinct_steps():
+    counts = {1.0: [], 2.0: []}
+    for seed in range(30):
+        for budget in counts:
+            tree = _expand_root(SamplingPolicy(6, seed), root_children=5, draw_budget=budget)
+            counts[budget].append(len(tree.children(tree.root)))
+    # with 6 equally likely steps five samples give ~4 distinct; more draws give more, never fewer
+    assert sum(counts[2.0]) > sum(counts[1.0])
+    assert all(b >= a for a, b in zip(counts[1.0], counts[2.0], strict=True))
