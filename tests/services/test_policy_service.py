@@ -106,6 +106,21 @@ def test_greedy_expansion_repeats_one_candidate(policy_service):
     assert len({(c.text, tuple(c.token_ids or ())) for c in result.candidates}) == 1
 
 
+def test_seeded_expansion_repeats_and_its_n_samples_differ(policy_service):
+    """A request's seed reaches vLLM (docs/decisions/005-search-seeds.md): the same seed, the same samples."""
+    request = ExpandRequest(state=STATES[0], n=4, temperature=1.0, max_tokens=12, few_shot=False, seed=2**62 - 1)
+
+    def samples(result) -> list[tuple[int, ...]]:
+        return [tuple(c.token_ids or ()) for c in result.candidates]
+
+    first, same_batch = _expand(policy_service.url, [request, request])
+    (later,) = _expand(policy_service.url, [request])
+    (other_seed,) = _expand(policy_service.url, [request.model_copy(update={"seed": 1})])
+    assert samples(first) == samples(same_batch) == samples(later)
+    assert len(set(samples(first))) > 1  # vLLM gives the i-th sample seed + i, not n copies of one sample
+    assert samples(other_seed) != samples(first)
+
+
 def test_bad_expand_request_is_a_clear_4xx(policy_service):
     # A prompt longer than the context (max_tokens alone is clipped to the room left, cpl/completions.py).
     body = {"requests": [{"state": {"question": "apples " * 6000}, "n": 1, "max_tokens": 16}]}
