@@ -79,8 +79,10 @@ def test_stop_strings_honoured_and_solution_steps_recognised(policy_service):
             if request.state.format is PromptFormat.PLAIN and cand.kind is StepKind.SOLUTION:
                 # Steps are stored as generated (cpl.formats.parse_generated_step): the header is there only
                 # when the policy wrote it or the step was forced.
-                assert request.force_solution or cand.stop_reason == solution_marker or cand.text.startswith(
-                    SOLUTION_HEADER
+                assert (
+                    request.force_solution
+                    or cand.stop_reason == solution_marker
+                    or cand.text.startswith(SOLUTION_HEADER)
                 )
             if cand.finish_reason == "length":
                 assert cand.num_tokens == request.max_tokens
