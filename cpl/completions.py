@@ -35,6 +35,8 @@ class SamplingPlan:
     temperature: float
     max_tokens: int
     stop: list[str]
+    seed: int | None = None
+    """vLLM's per-request sampling seed (the request's own, :func:`cpl.mcts.expansion_seed`); None: unseeded."""
 
 
 def sampling_plan(request: ExpandRequest, *, max_model_len: int, prompt_tokens: int | None = None) -> SamplingPlan:
@@ -48,6 +50,7 @@ def sampling_plan(request: ExpandRequest, *, max_model_len: int, prompt_tokens: 
         temperature=request.temperature,
         max_tokens=min(request.max_tokens, room),
         stop=stop_strings(request.state.format),
+        seed=request.seed,
     )
 
 

@@ -24,6 +24,10 @@ class PriorMode(StrEnum):
     UNIFORM = "uniform"
 
 
+SEED_MAX = 2**63 - 1
+"""Largest search seed (vLLM's own seeds are signed 64-bit integers)."""
+
+
 class SearchConfig(BaseModel):
     """MCTS settings. Defaults are Table 6 of the paper (round 1)."""
 
@@ -55,6 +59,15 @@ class SearchConfig(BaseModel):
         default=PromptFormat.PLAIN, description="prompt format: plain (round 1) or xml (round 2 and later)"
     )
     few_shot: bool = Field(default=True, description="prepend the appendix A.1 demonstrations to prompts")
+    seed: int | None = Field(
+        default=None,
+        ge=0,
+        le=SEED_MAX,
+        description=(
+            "search seed: each expansion samples with a seed derived from it and the node's state "
+            "(cpl.mcts.expansion_seed), so the same settings give the same tree; None: unseeded sampling"
+        ),
+    )
 
     @classmethod
     def round_preset(cls, round_number: int, **overrides: object) -> SearchConfig:

@@ -73,11 +73,16 @@ def run_library_search(
     out: Path,
     *,
     max_concurrent: int = 32,
-    seed: int = 0,
+    engine_seed: int | None = None,
     dtype: str = "auto",
     marker_bias: float = 0.0,
     show_progress: bool = True,
 ) -> dict[str, int]:
+    """Search ``problems`` with in-process engines (or only re-export when every tree is already finished).
+
+    ``engine_seed`` seeds vLLM's global generator, which samples only requests without a seed of their own;
+    None: ``config.seed`` (or 0). A seeded search (``config.seed``) seeds every expansion itself.
+    """
     from cpl.engines.vllm_offline import VLLMPolicy, VLLMValue, stop_marker_bias
 
     done = finished_trees(problems, config, out)
@@ -86,7 +91,9 @@ def run_library_search(
         write_stats(out, compute_stats(done, counts))
         return counts
     extra = {"logit_bias": stop_marker_bias(policy_dir, marker_bias)} if marker_bias else None
-    policy = VLLMPolicy(policy_dir, seed=seed, dtype=dtype, extra_sampling=extra)
+    if engine_seed is None:
+        engine_seed = (config.seed or 0) % 2**32  # vLLM seeds numpy too, which takes 32 bits
+    policy = VLLMPolicy(policy_dir, seed=engine_seed, dtype=dtype, extra_sampling=extra)
     value = VLLMValue(value_dir, dtype=dtype)
     try:
         return asyncio.run(

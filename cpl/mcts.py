@@ -12,7 +12,9 @@ expansions reach the inference engine together.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import inspect
+import json
 import math
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
@@ -20,7 +22,7 @@ from typing import Any
 from cpl.config import PriorMode, SearchConfig
 from cpl.formats import StepKind
 from cpl.grading import extract_answer, is_equivalent
-from cpl.protocols import Candidate, ExpandRequest, PolicyModel, ValueModel
+from cpl.protocols import Candidate, ExpandRequest, PolicyModel, State, ValueModel
 from cpl.tree import Node, Tree
 from cpl.values import clamp_value
 
@@ -36,6 +38,24 @@ class SearchCancelled(Exception):
     def __init__(self, tree: Tree) -> None:
         super().__init__(f"search of tree {tree.id} cancelled after {tree.simulations_done} simulations")
         self.tree = tree
+
+
+def expansion_seed(search_seed: int, state: State) -> int:
+    """The sampling seed of the expansion of ``state`` in a search seeded with ``search_seed``.
+
+    The first 62 bits of SHA-256 over the search seed and a canonical serialisation of the state (the question
+    and the steps so far, as compact JSON): a function of the node alone, so a node gets the same samples
+    whatever the order or batching of expansions, and a resumed search equals an uninterrupted one. 62 bits
+    leave room for vLLM's per-sample seeds (seed + i for the i-th of n) in a signed 64-bit integer.
+    docs/decisions/005-search-seeds.md.
+    """
+    canonical = json.dumps(
+        [search_seed, state.question, [[str(kind), text] for kind, text in state.steps]],
+        ensure_ascii=False,
+        separators=(",", ":"),
+    )
+    digest = hashlib.sha256(canonical.encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") >> 2
 
 
 def puct_score(child: Node, parent_visits: int, c_puct: float) -> float:
@@ -99,17 +119,22 @@ class MCTS:
         config = tree.config
         wanted = config.root_children if node.depth == 0 else config.children
         budget = math.floor(wanted * config.draw_budget)
+        state = tree.state(node)
+        # Seeded: vLLM gives the i-th of n samples seed + i, so a later round seeded with base + drawn continues the
+        # same stream of samples instead of repeating its start.
+        base_seed = None if config.seed is None else expansion_seed(config.seed, state)
         kept: dict[tuple[StepKind, str], tuple[Candidate, str]] = {}
         drawn = 0
         while len(kept) < wanted and drawn < budget:
             n = min(wanted - len(kept), budget - drawn)
             request = ExpandRequest(
-                state=tree.state(node),
+                state=state,
                 n=n,
                 temperature=config.temperature,
                 max_tokens=config.max_step_tokens,
                 force_solution=node.depth >= config.max_depth - 1,
                 few_shot=config.few_shot,
+                seed=None if base_seed is None else base_seed + drawn,
             )
             (result,) = await self.policy.expand([request])
             drawn += n

@@ -43,6 +43,12 @@ class ExpandRequest(BaseModel):
     max_tokens: int = Field(default=256, ge=1)
     force_solution: bool = False
     few_shot: bool = True
+    seed: int | None = Field(
+        default=None,
+        ge=0,
+        le=2**63 - 64,  # vLLM seeds the i-th of the n samples with seed + i, a signed 64-bit integer
+        description="sampling seed of this request (cpl.mcts.expansion_seed); None: unseeded sampling",
+    )
 
     def prompt(self) -> str:
         return self.state.policy_prompt(force_solution=self.force_solution, few_shot=self.few_shot)

@@ -248,7 +248,7 @@ class Round:
             self.settings.search,
             self.data,
             max_concurrent=self.settings.concurrency,
-            seed=self.settings.seed,
+            engine_seed=self.settings.seed,
             dtype=self.settings.dtype,
             marker_bias=self.settings.marker_bias,
         )

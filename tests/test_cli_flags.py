@@ -85,11 +85,27 @@ def test_round_command_takes_the_same_search_flags():
     assert search_config(args) == SearchConfig.round_preset(2, simulations=200, max_step_tokens=64)
 
 
+def test_seed_is_the_search_seed_and_the_demo_is_seeded():
+    from cpl.cli import DEMO_SEARCH_SEED
+
+    parser = build_parser()
+    assert search_config(parser.parse_args(SEARCH)).seed is None  # unseeded unless asked
+    assert search_config(parser.parse_args([*SEARCH, "--seed", "12"])).seed == 12
+    assert search_config(parser.parse_args([*SEARCH, "--round", "2", "--seed", "0"])).seed == 0
+    assert "search seed" in subparser("search").format_help()
+    assert parser.parse_args(["demo"]).seed == DEMO_SEARCH_SEED
+    # `cpl round --seed` stays the round's own seed (fresh value head, engines), not a search setting.
+    args = parser.parse_args(["round", "--base", "b", "--input", "i", "--run-dir", "r", "--seed", "3"])
+    assert args.round_seed == 3 and search_config(args).seed is None
+
+
 def test_bad_search_values_exit_2(capsys):
     from cpl.cli import main
 
     assert main([*SEARCH, "--temperature", "9"]) == 2
     assert "temperature" in capsys.readouterr().err
+    assert main([*SEARCH, "--seed", "-1"]) == 2
+    assert "seed" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exc:
         main([*SEARCH, "--simulations", "0"])
     assert exc.value.code == 2

@@ -1,13 +1,16 @@
 import asyncio
+import hashlib
+import json
 import math
+import random
 from collections import Counter
 
 import pytest
 
 from cpl.config import PriorMode, SearchConfig
-from cpl.formats import StepKind
-from cpl.mcts import DEAD_END_VALUE, MCTS, SearchCancelled, backup, priors, puct_score
-from cpl.protocols import Candidate
+from cpl.formats import PromptFormat, StepKind
+from cpl.mcts import DEAD_END_VALUE, MCTS, SearchCancelled, backup, expansion_seed, priors, puct_score
+from cpl.protocols import Candidate, ExpandRequest, State
 from cpl.tree import Node, Tree
 from tests.scripted import GOLD, GOOD_FIRST_PLAN, DeadEndPolicy, ScriptedPolicy, ScriptedValue
 
@@ -258,3 +261,104 @@ def test_sampling_again_finds_the_missing_distinct_steps():
     # with 6 equally likely steps five samples give ~4 distinct; more draws give more, never fewer
     assert sum(counts[2.0]) > sum(counts[1.0])
     assert all(b >= a for a, b in zip(counts[1.0], counts[2.0], strict=True))
+
+
+# --- search seeds (docs/decisions/005-search-seeds.md) ---------------------------------------------------------
+
+
+def test_expansion_seed_is_stable_fits_62_bits_and_depends_on_seed_and_state():
+    root = State(question="What is 6*7?")
+    plan = State(question="What is 6*7?", steps=[(StepKind.PLAN, "Plan 1: Multiply.")])
+    # Pinned: the derivation decides every seeded tree, so changing it changes what a seed reproduces.
+    assert expansion_seed(0, root) == 540678771858500152
+    canonical = json.dumps([0, "What is 6*7?", [["plan", "Plan 1: Multiply."]]], separators=(",", ":"))
+    assert expansion_seed(0, plan) == int.from_bytes(hashlib.sha256(canonical.encode()).digest()[:8], "big") >> 2
+    # The same node, however it was built (a JSON round trip, another format), gets the same seed.
+    assert expansion_seed(5, State.model_validate_json(plan.model_dump_json())) == expansion_seed(5, plan)
+    assert expansion_seed(5, plan.model_copy(update={"format": PromptFormat.XML})) == expansion_seed(5, plan)
+    states = [
+        root,
+        plan,
+        State(question="What is 6*7?", steps=[(StepKind.SOLUTION, "Plan 1: Multiply.")]),  # the kind counts
+        State(question="What is 6*7?", steps=[(StepKind.PLAN, "Plan 1: Multiply"), (StepKind.PLAN, ".")]),
+        State(question="What is 6*7 ?"),
+    ]
+    seeds = {
+        (search_seed, i): expansion_seed(search_seed, s)
+        for search_seed in (0, 1, 2**63 - 1)
+        for i, s in enumerate(states)
+    }
+    assert len(set(seeds.values())) == len(seeds)
+    for value in seeds.values():
+        assert 0 <= value < 2**62
+        ExpandRequest(state=root, n=64, seed=value)  # vLLM's n samples use value .. value + 63: int64 still
+
+
+def test_expansion_requests_carry_the_node_seed_only_when_the_search_is_seeded():
+    tree, policy = search(simulations=40, seed=7, max_depth=3)  # forced solutions are duplicates: sampled again
+    by_node: dict[str, list[ExpandRequest]] = {}
+    for r in policy.calls:
+        by_node.setdefault(str(r.state.steps), []).append(r)
+    assert len(by_node) == sum(n.expanded for n in tree.nodes)
+    assert any(len(calls) > 1 for calls in by_node.values()), "some expansions sampled again (duplicates)"
+    for calls in by_node.values():
+        # the node's seed, then for each further round the seed that continues its stream of samples
+        drawn = 0
+        for r in calls:
+            assert r.seed == expansion_seed(7, r.state) + drawn
+            drawn += r.n
+    _, unseeded = search(simulations=40)
+    assert unseeded.calls and all(r.seed is None for r in unseeded.calls)
+    with pytest.raises(ValueError, match="seed"):
+        SearchConfig(seed=-1)
+
+
+class SeedSampledPolicy(ScriptedPolicy):
+    """Samples its candidates from the request's seed alone (as seeded vLLM does): plans and answers vary."""
+
+    async def expand(self, requests):
+        await asyncio.sleep(random.random() / 1000)  # expansions of concurrent trees interleave differently
+        return await super().expand(requests)
+
+    def _candidates(self, request):
+        rng = random.Random(request.seed)  # None: unseeded, a different tree every time
+        if request.force_solution or len(request.state.steps) >= 2:
+            return [
+                Candidate(
+                    kind=StepKind.SOLUTION,
+                    text=f"$\\boxed{{{rng.choice([GOLD, '7'])}}}$",
+                    num_tokens=4,
+                    logprob=-1.0,
+                    finish_reason="stop",
+                )
+                for _ in range(request.n)
+            ]
+        return [
+            Candidate(
+                kind=StepKind.PLAN,
+                text=f"Plan {len(request.state.steps) + 1}: {rng.randrange(4)}",
+                num_tokens=4,
+                logprob=-rng.random() * 3,
+                finish_reason="stop",
+            )
+            for _ in range(request.n)
+        ]
+
+
+def test_a_seeded_search_is_the_same_alone_among_other_trees_and_resumed():
+    config = SearchConfig(simulations=30, seed=3)
+
+    def shape(tree: Tree) -> list:
+        return [(n.parent, n.kind, n.text, n.N, n.V) for n in tree.nodes]
+
+    alone = run(MCTS(SeedSampledPolicy(), ScriptedValue(), config).search(Tree.new("a", "Q?", GOLD, config)))
+    mcts = MCTS(SeedSampledPolicy(), ScriptedValue(), config)
+    others = [Tree.new(f"o{i}", f"Other {i}?", GOLD, config) for i in range(5)]
+    batched = run(mcts.search_many([*others[:3], Tree.new("a", "Q?", GOLD, config), *others[3:]]))[3]
+    assert shape(batched) == shape(alone)
+    partial = run(mcts.search(Tree.new("a", "Q?", GOLD, config.model_copy(update={"simulations": 11}))))
+    restored = Tree.model_validate_json(partial.model_dump_json())
+    restored.config = config
+    assert shape(run(mcts.search(restored))) == shape(alone)
+    other_seed = config.model_copy(update={"seed": 4})
+    assert shape(run(mcts.search(Tree.new("a", "Q?", GOLD, other_seed)))) != shape(alone)

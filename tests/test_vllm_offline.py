@@ -260,5 +260,43 @@ def test_values_match_transformers(vllm_engines, tiny_models):
     assert math.isclose(math.tanh(logits[0]), reference[0], abs_tol=1e-3)
 
 
+@pytest.mark.vllm
+def test_seeded_samples_repeat_and_the_n_samples_of_one_seed_differ(vllm_engines):
+    policy, _ = vllm_engines
+    request = ExpandRequest(state=_states()[0], n=6, temperature=1.0, max_tokens=12, seed=2**62 - 1)
+
+    def samples(result) -> list[tuple[int, ...]]:
+        return [tuple(c.token_ids or ()) for c in result.candidates]
+
+    first, same_batch = asyncio.run(policy.expand([request, request]))
+    (later,) = asyncio.run(policy.expand([request, ExpandRequest(state=_states()[3], n=2, max_tokens=8)]))[:1]
+    (other_seed,) = asyncio.run(policy.expand([request.model_copy(update={"seed": 1})]))
+    assert samples(first) == samples(same_batch) == samples(later)  # batched alone, twice, or with others
+    assert len(set(samples(first))) > 1  # vLLM gives the i-th sample seed + i, not n copies of one sample
+    assert samples(other_seed) != samples(first)
+
+
+@pytest.mark.vllm
+def test_two_seeded_searches_build_the_same_tree(vllm_engines):
+    """docs/decisions/005-search-seeds.md: equal seeds, equal trees (in practice), even among other trees."""
+    from cpl.config import SearchConfig
+    from cpl.mcts import MCTS
+
+    policy, value = vllm_engines
+    config = SearchConfig(simulations=16, max_step_tokens=12, max_depth=3, temperature=1.0, few_shot=False, seed=7)
+    mcts = MCTS(policy, value, config)
+
+    def shape(tree) -> list[tuple]:
+        return [(n.parent, n.kind, n.text, n.N, n.expanded) for n in tree.nodes]
+
+    alone = asyncio.run(mcts.search(mcts.new_tree("t", QUESTION, "7")))
+    trees = [mcts.new_tree("o1", "What is 6*7?", "42"), mcts.new_tree("t", QUESTION, "7")]
+    _, among_others = asyncio.run(mcts.search_many(trees))
+    assert len(alone.nodes) > 4 and shape(among_others) == shape(alone)
+    assert [n.V for n in among_others.nodes] == pytest.approx([n.V for n in alone.nodes], abs=1e-4)
+    unseeded = MCTS(policy, value, config.model_copy(update={"seed": None}))
+    assert shape(asyncio.run(unseeded.search(unseeded.new_tree("t", QUESTION, "7")))) != shape(alone)
+
+
 def test_markers_cover_stop_strings():
     assert {s for fmt in PromptFormat for s in stop_strings(fmt)} <= set(MARKERS)

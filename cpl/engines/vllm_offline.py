@@ -337,6 +337,8 @@ class VLLMPolicy(_InProcessLLM):
         params: dict[str, Any] = dict(
             n=plan.n, temperature=plan.temperature, max_tokens=plan.max_tokens, stop=plan.stop, logprobs=0
         )
+        if plan.seed is not None:
+            params["seed"] = plan.seed  # vLLM gives the i-th of the n samples seed + i: they still differ
         params.update(self.extra_sampling)
         return SamplingParams(**params)
 

@@ -42,9 +42,10 @@ from services.policy.settings import PolicySettings
 
 
 def completion_payload(request: ExpandRequest, model: str, max_model_len: int) -> dict[str, Any]:
-    """The vLLM ``/v1/completions`` body for one state (n and max_tokens from :func:`cpl.completions.sampling_plan`)."""
+    """The vLLM ``/v1/completions`` body for one state (n, max_tokens and seed from
+    :func:`cpl.completions.sampling_plan`); ``seed`` only when the request has one."""
     plan = sampling_plan(request, max_model_len=max_model_len)
-    return {
+    payload: dict[str, Any] = {
         "model": model,
         "prompt": request.prompt(),
         "n": plan.n,
@@ -54,6 +55,9 @@ def completion_payload(request: ExpandRequest, model: str, max_model_len: int) -
         "logprobs": 0,
         "return_token_ids": True,
     }
+    if plan.seed is not None:
+        payload["seed"] = plan.seed  # vLLM seeds the i-th of the n samples with seed + i
+    return payload
 
 
 def candidates_from_completion(request: ExpandRequest, completion: dict[str, Any]) -> list[Candidate]:

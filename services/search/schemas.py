@@ -8,7 +8,7 @@ from enum import StrEnum
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from cpl.config import PriorMode
+from cpl.config import SEED_MAX, PriorMode
 from cpl.formats import PromptFormat
 from cpl.search_stats import SearchStats
 
@@ -42,6 +42,12 @@ class SearchOverrides(BaseModel):
     max_step_tokens: int | None = Field(default=None, ge=1, description="token limit of one step")
     prior: PriorMode | None = Field(default=None, description="how pi(a|s) is computed")
     few_shot: bool | None = Field(default=None, description="prepend the demonstrations to prompts")
+    seed: int | None = Field(
+        default=None,
+        ge=0,
+        le=SEED_MAX,
+        description="search seed: the same seed and settings give the same tree (unset: unseeded sampling)",
+    )
 
 
 class SearchCreate(BaseModel):

@@ -101,10 +101,15 @@ class SearchAPIClient:
             files = {"file": (path.name, f, "application/x-ndjson")}
             return self.request("POST", "/v1/batches/upload", files=files, data=data).json()
 
-    def submit_problems(self, problems: list[dict[str, Any]], simulations: int | None) -> dict[str, Any]:
+    def submit_problems(
+        self, problems: list[dict[str, Any]], simulations: int | None, settings: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        """``POST /v1/batches``; ``settings`` are the batch's other search settings (e.g. ``{"seed": 7}``)."""
         body: dict[str, Any] = {"problems": problems}
         if simulations is not None:
             body["simulations"] = simulations
+        if settings:
+            body["settings"] = settings
         return self.request("POST", "/v1/batches", json=body).json()
 
     def batch(self, batch_id: str) -> dict[str, Any]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from cpl.cli import DEMO_SEARCH_SEED
 from cpl.search_stats import compute_stats, format_summary, write_stats
 from cpl.tree import Tree
 from services.stack.client import ClientError, SearchAPIClient, Target, format_batch
@@ -14,7 +15,8 @@ from services.stack.client import ClientError, SearchAPIClient, Target, format_b
 if TYPE_CHECKING:
     from services.stack.up import Stack
 
-DEMO_SEED = 11
+DEMO_PROBLEMS_SEED = 11
+"""Seed of the toy world's sample the demo's problems come from (the search's own seed is `DEMO_SEARCH_SEED`)."""
 
 
 def demo_problems(n: int) -> list[dict[str, str]]:
@@ -23,7 +25,7 @@ def demo_problems(n: int) -> list[dict[str, str]]:
 
     return [
         {"question": p.question, "answer": p.gold, "id": f"toy-test-{i}"}
-        for i, p in enumerate(world.generate("arith", n, seed=DEMO_SEED, split="test"))
+        for i, p in enumerate(world.generate("arith", n, seed=DEMO_PROBLEMS_SEED, split="test"))
     ]
 
 
@@ -31,7 +33,8 @@ def demo_batch(stack: Stack, n: int, simulations: int, out: Path | None = None) 
     out = out or stack.run_dir / "demo"
     try:
         with SearchAPIClient(Target(stack.url, stack.api_key)) as client:
-            batch = client.submit_problems(demo_problems(n), simulations)
+            # Seeded as library mode's `cpl demo`: every run shows the same trees (and pairs).
+            batch = client.submit_problems(demo_problems(n), simulations, {"seed": DEMO_SEARCH_SEED})
             print(f"\nSearching {n} held-out toy problems, {simulations} simulations each (batch {batch['id']}):")
             print(f"watch it live: {stack.url}/ui/batches/{batch['id']}", flush=True)
             batch = client.follow(batch["id"])

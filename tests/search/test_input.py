@@ -33,6 +33,8 @@ def _stored(stack: Stack) -> tuple[int, int]:
         ({**GOOD, "settings": {"children": 1000}}, 422, "settings.children must be at most 16"),
         ({**GOOD, "settings": {"max_depth": 99}}, 422, "settings.max_depth must be at most 16"),
         ({**GOOD, "settings": {"temperature": -1}}, 422, "temperature"),
+        ({**GOOD, "settings": {"seed": -1}}, 422, "seed"),
+        ({**GOOD, "settings": {"seed": 2**63}}, 422, "seed"),
         ({**GOOD, "answer": "y" * 5000}, 422, "answer"),
         ({**GOOD, "request_id": ""}, 422, "request_id"),
         ({"answer": "4"}, 422, "question"),

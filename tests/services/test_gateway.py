@@ -170,7 +170,9 @@ def _run(coro):
 ADMIN = {"Authorization": f"Bearer {TOKEN}"}
 EXPAND_BODY = {
     "requests": [
-        ExpandRequest(state=State(question="q1"), n=2, temperature=0.7, max_tokens=32).model_dump(mode="json"),
+        ExpandRequest(state=State(question="q1"), n=2, temperature=0.7, max_tokens=32, seed=2**62 - 1).model_dump(
+            mode="json"
+        ),
         ExpandRequest(
             state=State(question="q2", steps=[(StepKind.PLAN, "Plan 1: a")], format=PromptFormat.XML),
             n=3,
@@ -197,6 +199,7 @@ def test_expand_sends_one_vllm_request_per_state_and_maps_choices(tmp_path):
     assert first["prompt"] == ExpandRequest.model_validate(EXPAND_BODY["requests"][0]).prompt()
     assert first["n"] == 2 and first["stop"] == ["<endstep>", "<endsolution>"] and first["logprobs"] == 0
     assert first["return_token_ids"] is True and first["model"] == "policy"
+    assert first["seed"] == 2**62 - 1 and "seed" not in second  # a search seed reaches vLLM; unseeded: no key
     assert second["n"] == 1 and second["stop"] == ["</step>", "</solution>"]  # greedy: one sample, repeated
     data = response.json()
     assert data["model_version"] == "1"

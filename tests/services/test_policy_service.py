@@ -79,8 +79,10 @@ def test_stop_strings_honoured_and_solution_steps_recognised(policy_service):
             if request.state.format is PromptFormat.PLAIN and cand.kind is StepKind.SOLUTION:
                 # Steps are stored as generated (cpl.formats.parse_generated_step): the header is there only
                 # when the policy wrote it or the step was forced.
-                assert request.force_solution or cand.stop_reason == solution_marker or cand.text.startswith(
-                    SOLUTION_HEADER
+                assert (
+                    request.force_solution
+                    or cand.stop_reason == solution_marker
+                    or cand.text.startswith(SOLUTION_HEADER)
                 )
             if cand.finish_reason == "length":
                 assert cand.num_tokens == request.max_tokens
@@ -104,6 +106,21 @@ def test_greedy_expansion_repeats_one_candidate(policy_service):
     (result,) = _expand(policy_service.url, [request])
     assert len(result.candidates) == 3
     assert len({(c.text, tuple(c.token_ids or ())) for c in result.candidates}) == 1
+
+
+def test_seeded_expansion_repeats_and_its_n_samples_differ(policy_service):
+    """A request's seed reaches vLLM (docs/decisions/005-search-seeds.md): the same seed, the same samples."""
+    request = ExpandRequest(state=STATES[0], n=4, temperature=1.0, max_tokens=12, few_shot=False, seed=2**62 - 1)
+
+    def samples(result) -> list[tuple[int, ...]]:
+        return [tuple(c.token_ids or ()) for c in result.candidates]
+
+    first, same_batch = _expand(policy_service.url, [request, request])
+    (later,) = _expand(policy_service.url, [request])
+    (other_seed,) = _expand(policy_service.url, [request.model_copy(update={"seed": 1})])
+    assert samples(first) == samples(same_batch) == samples(later)
+    assert len(set(samples(first))) > 1  # vLLM gives the i-th sample seed + i, not n copies of one sample
+    assert samples(other_seed) != samples(first)
 
 
 def test_bad_expand_request_is_a_clear_4xx(policy_service):
