@@ -37,6 +37,12 @@ class SearchOverrides(BaseModel):
     c_puct: float | None = Field(default=None, gt=0, le=100, description="PUCT exploration constant (eq. 1)")
     root_children: int | None = Field(default=None, ge=1, description="candidates sampled at the root")
     children: int | None = Field(default=None, ge=1, description="candidates sampled at other nodes")
+    draw_budget: float | None = Field(
+        default=None,
+        ge=1.0,
+        le=8.0,
+        description="samples an expansion may draw for distinct steps, as a multiple of its count (1: one round)",
+    )
     temperature: float | None = Field(default=None, ge=0.0, le=5.0, description="sampling temperature")
     max_depth: int | None = Field(default=None, ge=1, description="a node at max_depth - 1 may only solve")
     max_step_tokens: int | None = Field(default=None, ge=1, description="token limit of one step")
