@@ -50,6 +50,7 @@ async def poller(
         try:
             r = await client.get(path, headers=headers)
             out["lat"].append(time.perf_counter() - t0)
+            out["at"].append(t0)
             if r.status_code == 200:
                 etag = r.headers.get("ETag")
                 out["200"] += 1
@@ -57,8 +58,10 @@ async def poller(
                 out["304"] += 1
             else:
                 out["errors"] += 1
-        except httpx.HTTPError:
+                out["error_kinds"].append(f"HTTP {r.status_code}")
+        except httpx.HTTPError as exc:
             out["errors"] += 1
+            out["error_kinds"].append(repr(exc)[:200])
         await asyncio.sleep(interval)
 
 
@@ -78,8 +81,9 @@ async def window(args: argparse.Namespace, mode: str, url: str, key: str) -> dic
             else:
                 await asyncio.sleep(0.5)
         await asyncio.sleep(args.warmup)
-        out = {"lat": [], "200": 0, "304": 0, "errors": 0}
+        out = {"lat": [], "at": [], "200": 0, "304": 0, "errors": 0, "error_kinds": []}
         before = await simulations_done(client, batch_id)
+        window_start = time.perf_counter()
         t0 = time.monotonic()
         stop = t0 + args.seconds
         if mode != "none":
@@ -105,6 +109,10 @@ async def window(args: argparse.Namespace, mode: str, url: str, key: str) -> dic
         if lat:
             result["p50_ms"] = 1000 * lat[len(lat) // 2]
             result["p99_ms"] = 1000 * lat[min(len(lat) - 1, int(0.99 * len(lat)))]
+            # When the slowest requests were sent (seconds into the window): clustered means a stall.
+            slowest = sorted(zip(out["lat"], out["at"], strict=True), reverse=True)[:10]
+            result["slowest_sent_at_s"] = [round(at - window_start, 2) for _, at in slowest]
+            result["error_kinds"] = sorted(set(out["error_kinds"]))[:5]
         # Let the cancelled batch drain before the next window (at most a minute: a search that does not stop is
         # reported, not waited for).
         deadline = time.monotonic() + 60
