@@ -3,9 +3,9 @@ policy replicas, against the same load with no deployment (measured in the same 
 
 Set-up: the tiny Llama of ``cpl.models.tiny`` as the base (``A``) and two checkpoints published by real SFT jobs
 (``sft-1``, ``sft-2``) under one checkpoint root; two policy gateways (each with its vLLM child: float32,
-``--enforce-eager``, 128 MiB KV cache) on that root; Redis on 127.0.0.1:6379 (keys under a unique prefix, removed
-at the end). Load: ``--clients`` clients, each sending one greedy ``/v1/expand`` state (``--max-tokens``
-tokens) after the other, without pause, routed in one of two ways:
+``--enforce-eager``, 128 MiB KV cache, its OpenMP threads on a core of its own) on that root; Redis on
+127.0.0.1:6379 (keys under a unique prefix, removed at the end). Load: ``--clients`` clients, each sending one
+greedy ``/v1/expand`` state (``--max-tokens`` tokens) after the other, without pause, routed in one of two ways:
 
 * ``pinned`` (the baseline): half of the clients on each replica, a client per URL, as a client of one replica
   sees a deployment;
@@ -186,8 +186,12 @@ def main() -> None:
             "CPL_POLICY_ENFORCE_EAGER": "true",
         }
         services = []
+        cpus = os.cpu_count() or 1
         for i in range(2):
-            service = _start("services.policy.main", "CPL_POLICY_", env, tmp / f"policy{i}.log", root)
+            # One core each where there are two or more (vLLM's auto binding would put both engines on core 0):
+            # replicas on separate machines, as deployed, as far as one machine allows.
+            bind = {} if os.environ.get("VLLM_CPU_OMP_THREADS_BIND") else {"VLLM_CPU_OMP_THREADS_BIND": str(i % cpus)}
+            service = _start("services.policy.main", "CPL_POLICY_", env | bind, tmp / f"policy{i}.log", root)
             procs.append(service.proc)
             services.append(service)
         settings = settings.model_copy(update={"policy_replicas": [s.url for s in services]})
