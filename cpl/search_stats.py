@@ -115,9 +115,7 @@ def merge_stats(parts: Sequence[SearchStats]) -> SearchStats:
     )
 
 
-_SUMMED = [
-    name for name in SearchStats.model_fields if name not in ("avg_depth_correct", "negatives_per_positive")
-]
+_SUMMED = [name for name in SearchStats.model_fields if name not in ("avg_depth_correct", "negatives_per_positive")]
 
 
 def write_stats(out_dir: Path, stats: SearchStats) -> Path:

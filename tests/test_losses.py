@@ -230,9 +230,7 @@ def test_scale_solution_values() -> None:
     # a solution pair (+1 vs -1, gap 2) becomes +0.3 vs -0.3 (gap 0.6); plan-step values are untouched
     values = torch.tensor([1.0, -1.0, 0.7, -0.1])
     is_solution = torch.tensor([True, True, False, False])
-    torch.testing.assert_close(
-        scale_solution_values(values, is_solution), torch.tensor([0.3, -0.3, 0.7, -0.1])
-    )
+    torch.testing.assert_close(scale_solution_values(values, is_solution), torch.tensor([0.3, -0.3, 0.7, -0.1]))
     torch.testing.assert_close(
         scale_solution_values(values, is_solution, factor=0.5), torch.tensor([0.5, -0.5, 0.7, -0.1])
     )
