@@ -144,6 +144,17 @@ def _is_cpu_platform() -> bool:
     return current_platform.is_cpu()
 
 
+def generation_needs_whole_prefills() -> bool:
+    """Whether a generating engine must run without chunked prefill: on vLLM's CPU backend.
+
+    After a step that prefilled only part of a prompt, vLLM rewinds the request's random generator, and a CPU
+    generator cannot be rewound ("CPU Generator does not use offset"): the first seeded request
+    (docs/decisions/005-search-seeds.md) whose prompt is split across steps kills the engine. Without chunked
+    prefill every prompt is prefilled in one step (vLLM then allows at least ``max_model_len`` tokens a step).
+    """
+    return _is_cpu_platform()
+
+
 def llm_kwargs(
     *,
     max_model_len: int | None,
@@ -299,20 +310,23 @@ class VLLMPolicy(_InProcessLLM):
         engine_kwargs: Mapping[str, Any] | None = None,
     ) -> None:
         self.extra_sampling = dict(extra_sampling or {})
+        engine = llm_kwargs(
+            max_model_len=max_model_len,
+            seed=seed,
+            dtype=dtype,
+            enforce_eager=enforce_eager,
+            gpu_memory_utilization=gpu_memory_utilization,
+            kv_cache_memory_bytes=kv_cache_memory_bytes,
+            extra=engine_kwargs,
+        )
+        if generation_needs_whole_prefills():
+            engine.setdefault("enable_chunked_prefill", False)
         self._open(
             model_dir,
             model_version,
             runner="generate",
             enable_prefix_caching=enable_prefix_caching,
-            **llm_kwargs(
-                max_model_len=max_model_len,
-                seed=seed,
-                dtype=dtype,
-                enforce_eager=enforce_eager,
-                gpu_memory_utilization=gpu_memory_utilization,
-                kv_cache_memory_bytes=kv_cache_memory_bytes,
-                extra=engine_kwargs,
-            ),
+            **engine,
         )
         self._batcher: MicroBatcher[ExpandRequest, ExpandResult | Exception] = MicroBatcher(
             self._generate_batch, window_s=batch_window_s

