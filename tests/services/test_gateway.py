@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -271,6 +272,27 @@ def test_requests_get_503_with_retry_after_when_a_swap_takes_too_long(tmp_path):
     assert expand.status_code == 503 and expand.headers["retry-after"] == "3"
     assert "policy service" in expand.json()["detail"]
     assert busy.status_code == 409
+
+
+def test_prefer_wait_0_gets_the_503_at_once_during_a_swap(tmp_path):
+    """A client with another replica asks not to wait (RFC 7240): the swapping gateway answers at once."""
+    service, fake, app, _ = _gateway(tmp_path, swap_wait_s=30, retry_after_s=2)
+    fake.reload_delay = 1.0
+
+    async def scenario():
+        async with running(service, fake, app) as client:
+            swap = asyncio.create_task(client.post("/admin/checkpoint", json={"path": "v2"}, headers=ADMIN))
+            await asyncio.sleep(0.1)
+            start = time.monotonic()
+            refused = await client.post("/v1/expand", json=EXPAND_BODY, headers={"Prefer": "wait=0"})
+            refused_after = time.monotonic() - start
+            waited = await client.post("/v1/expand", json=EXPAND_BODY)  # no preference: served after the swap
+            return await swap, refused, refused_after, waited
+
+    swap, refused, refused_after, waited = _run(scenario())
+    assert swap.status_code == 200
+    assert refused.status_code == 503 and refused.headers["retry-after"] == "2" and refused_after < 0.5
+    assert waited.status_code == 200 and waited.json()["model_version"] == swap.json()["version"]
 
 
 def test_failed_reload_restarts_vllm_on_the_previous_checkpoint(tmp_path):

