@@ -240,8 +240,15 @@ async def run_slice(rt: WorkerRuntime, search_id: str) -> str:
     if claim is None:
         log.info("search is held by another worker; this delivery leaves it", extra={"search_id": search_id})
         return "duplicate"
+    # A slice lasts SLICE_SECONDS plus one simulation; the watchdog inside bounds the search, this bounds the rest
+    # of the slice too (its commits), so a lost answer can never keep the lease renewed for ever.
+    overrun_s = rt.settings.slice_seconds + rt.settings.stall_after_s
     try:
-        return await _run_claimed(rt, search_id, claim, token)
+        async with asyncio.timeout(overrun_s):
+            return await _run_claimed(rt, search_id, claim, token)
+    except TimeoutError:
+        log.error("slice overran; abandoned", extra={"search_id": search_id, "seconds": overrun_s})
+        return "stalled"
     except FencedOut as exc:
         log.warning("superseded by a newer claim", extra={"search_id": search_id, "reason": str(exc)})
         return "fenced"
