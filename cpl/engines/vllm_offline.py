@@ -164,7 +164,11 @@ def llm_kwargs(
     gpu_memory_utilization: float | None,
     kv_cache_memory_bytes: int | None,
     extra: Mapping[str, Any] | None,
+    seeded_generation: bool = False,
 ) -> dict[str, Any]:
+    """``vllm.LLM`` arguments with this project's CPU defaults; ``extra`` overrides them. ``seeded_generation``: a
+    generating engine that serves seeded requests (on a CPU: without chunked prefill, see
+    :func:`generation_needs_whole_prefills`)."""
     cpu = _is_cpu_platform()
     if enforce_eager is None:
         # torch.compile of the model costs tens of seconds of start-up on a small CPU and buys little there.
@@ -179,6 +183,8 @@ def llm_kwargs(
         kwargs["kv_cache_memory_bytes"] = DEFAULT_KV_CACHE_BYTES
     if gpu_memory_utilization is not None:
         kwargs["gpu_memory_utilization"] = gpu_memory_utilization
+    if seeded_generation and cpu:
+        kwargs["enable_chunked_prefill"] = False
     kwargs.update(extra or {})
     return kwargs
 
@@ -310,23 +316,21 @@ class VLLMPolicy(_InProcessLLM):
         engine_kwargs: Mapping[str, Any] | None = None,
     ) -> None:
         self.extra_sampling = dict(extra_sampling or {})
-        engine = llm_kwargs(
-            max_model_len=max_model_len,
-            seed=seed,
-            dtype=dtype,
-            enforce_eager=enforce_eager,
-            gpu_memory_utilization=gpu_memory_utilization,
-            kv_cache_memory_bytes=kv_cache_memory_bytes,
-            extra=engine_kwargs,
-        )
-        if generation_needs_whole_prefills():
-            engine.setdefault("enable_chunked_prefill", False)
         self._open(
             model_dir,
             model_version,
             runner="generate",
             enable_prefix_caching=enable_prefix_caching,
-            **engine,
+            **llm_kwargs(
+                max_model_len=max_model_len,
+                seed=seed,
+                dtype=dtype,
+                enforce_eager=enforce_eager,
+                gpu_memory_utilization=gpu_memory_utilization,
+                kv_cache_memory_bytes=kv_cache_memory_bytes,
+                extra=engine_kwargs,
+                seeded_generation=True,
+            ),
         )
         self._batcher: MicroBatcher[ExpandRequest, ExpandResult | Exception] = MicroBatcher(
             self._generate_batch, window_s=batch_window_s
