@@ -184,3 +184,16 @@ def test_round_2_with_200_simulations_runs_200(tmp_path, tiny_models):
     tree = Tree.model_validate_json(path.read_text())
     assert tree.config.format == "xml" and tree.config.simulations == 200
     assert tree.simulations_done == tree.root.N == 200
+
+
+@pytest.mark.vllm
+def test_the_embedded_planner_branches_at_the_root(tmp_path):
+    """The planner has real choices (docs/toy-world.md, "World v2"): the root expansions of 10 held-out problems
+    (5 samples at T = 0.7, the paper's root count) keep at least 2.5 distinct plan steps on average."""
+    sample = world.write_gsm8k_jsonl(world.generate("arith", 10, seed=21, split="test"), tmp_path / "ten.jsonl")
+    args = ["search", "--input", str(sample), "--out", str(tmp_path / "out"), "--simulations", "2", "--seed", "0"]
+    result = cpl(*args, "--no-few-shot", "--max-step-tokens", "96", "--dtype", "float32", "--quiet")
+    assert result.returncode == 0, result.stderr[-3000:]
+    stats = json.loads((tmp_path / "out" / "stats.json").read_text())
+    assert stats["trees"] == 10 and stats["root_expansions"] == 10
+    assert stats["root_children"] / stats["root_expansions"] >= 2.5, stats

@@ -11,6 +11,7 @@ import json
 import operator
 import random
 import re
+from collections import Counter
 from fractions import Fraction
 from pathlib import Path
 
@@ -81,23 +82,56 @@ def _propagate(known: dict[str, Fraction], relations: list[tuple[str, str, str, 
 
 _FACTORS = {"twice": Fraction(2), "three times": Fraction(3), "half": Fraction(1, 2), "a third": Fraction(1, 3)}
 
+# The comparison-chain families, read by their sentences alone: (given, more/fewer, times, questions), each a
+# regex; "up"/"down" are the words that mean "+k"/"-k".
+_CHAIN_GRAMMARS = {
+    "arith": {
+        "given": r"(\w+) has (\d+) (\w+)\.",
+        "shift": r"(\w+) has (\d+) (more|fewer) \w+ than (\w+)\.",
+        "scale": r"(\w+) has (twice|three times|half|a third) as many \w+ as (\w+)\.",
+        "single": r"How many \w+ does (\w+) have\?",
+        "total": r"How many \w+ do (\w+) and (\w+) have together\?",
+        "diff": r"How many more \w+ does (\w+) have than (\w+)\?",
+        "up": "more",
+    },
+    "heights": {
+        "given": r"(\w+)'s \w+ is (\d+) (\w+) tall\.",
+        "shift": r"(\w+)'s \w+ is (\d+) \w+ (taller|shorter) than (\w+)'s\.",
+        "scale": r"(\w+)'s \w+ is (twice|three times|half|a third) as tall as (\w+)'s\.",
+        "single": r"How tall is (\w+)'s \w+\?",
+        "total": r"How tall are (\w+)'s and (\w+)'s \w+ together\?",
+        "diff": r"How much taller is (\w+)'s \w+ than (\w+)'s\?",
+        "up": "taller",
+    },
+    "money": {
+        "given": r"(\w+) earns (\d+) (\w+)\.",
+        "shift": r"(\w+) earns (\d+) \w+ (more|less) than (\w+)\.",
+        "scale": r"(\w+) earns (twice|three times|half|a third) as much as (\w+)\.",
+        "single": r"How many \w+ does (\w+) earn\?",
+        "total": r"How many \w+ do (\w+) and (\w+) earn together\?",
+        "diff": r"How many more \w+ does (\w+) earn than (\w+)\?",
+        "up": "more",
+    },
+}
 
-def solve_arith(question: str) -> Fraction:
+
+def solve_chain(question: str, family: str) -> Fraction:
+    grammar = _CHAIN_GRAMMARS[family]
     known: dict[str, Fraction] = {}
     relations = []
     answer = None
     for s in _sentences(question):
-        if m := re.fullmatch(r"(\w+) has (\d+) (\w+)\.", s):
+        if m := re.fullmatch(grammar["given"], s):
             known[m[1]] = Fraction(int(m[2]))
-        elif m := re.fullmatch(r"(\w+) has (\d+) (more|fewer) \w+ than (\w+)\.", s):
-            relations.append((m[1], "add", m[4], Fraction(int(m[2])) * (1 if m[3] == "more" else -1)))
-        elif m := re.fullmatch(r"(\w+) has (twice|three times|half|a third) as many \w+ as (\w+)\.", s):
+        elif m := re.fullmatch(grammar["shift"], s):
+            relations.append((m[1], "add", m[4], Fraction(int(m[2])) * (1 if m[3] == grammar["up"] else -1)))
+        elif m := re.fullmatch(grammar["scale"], s):
             relations.append((m[1], "mul", m[3], _FACTORS[m[2]]))
-        elif m := re.fullmatch(r"How many \w+ does (\w+) have\?", s):
+        elif m := re.fullmatch(grammar["single"], s):
             answer = ("single", m[1], None)
-        elif m := re.fullmatch(r"How many \w+ do (\w+) and (\w+) have together\?", s):
+        elif m := re.fullmatch(grammar["total"], s):
             answer = ("total", m[1], m[2])
-        elif m := re.fullmatch(r"How many more \w+ does (\w+) have than (\w+)\?", s):
+        elif m := re.fullmatch(grammar["diff"], s):
             answer = ("diff", m[1], m[2])
         else:
             raise AssertionError(f"unparsed sentence {s!r}")
@@ -155,7 +189,14 @@ def solve_sequence(question: str) -> Fraction:
     return Fraction(a + sign * (n - 1) * d)
 
 
-TEXT_SOLVERS = {"arith": solve_arith, "ages": solve_ages, "units": solve_units, "sequence": solve_sequence}
+TEXT_SOLVERS = {
+    "arith": lambda q: solve_chain(q, "arith"),
+    "heights": lambda q: solve_chain(q, "heights"),
+    "money": lambda q: solve_chain(q, "money"),
+    "ages": solve_ages,
+    "units": solve_units,
+    "sequence": solve_sequence,
+}
 
 
 # --------------------------------------------------------------------------------------- generator
@@ -275,8 +316,9 @@ def test_flawed_solutions_round_trip_and_grade_wrong(problems, fmt, kind):
             assert steps[:-1] != reference[:-1]
 
 
-def test_demonstrator_is_noisy_where_the_plan_is_critical():
-    problems = world.generate("arith", 600, seed=9, split="train")
+@pytest.mark.parametrize("family", world.ARITH_GRAMMAR)
+def test_demonstrator_is_noisy_where_the_plan_is_critical(family):
+    problems = world.generate(family, 600, seed=9, split="train")
     rng = random.Random(0)
     right = {True: [], False: []}
     for i, p in enumerate(problems):
@@ -290,6 +332,57 @@ def test_demonstrator_is_noisy_where_the_plan_is_critical():
     assert with_trap < 0.5  # misreads an inverted comparison more often than not
     with pytest.raises(ValueError):
         world.demonstrator_solution(world.generate("units", 1)[0], PromptFormat.PLAIN, rng)
+
+
+def _computed_order(steps) -> tuple[str, ...]:
+    """The people in the order the solution computes them (its lines: "[So |Then ]Name has ...")."""
+    return tuple(re.findall(r"^\d+\. (?:So |Then )?(\w+) has ", steps[-1].text, flags=re.M))
+
+
+def test_demonstrator_varies_wording_and_the_order_of_independent_steps():
+    """The planner's corpus gives it choices besides the one that matters: each plan step in one of several
+    wordings, and independent steps in either order (docs/toy-world.md, "World v2")."""
+    problems = world.generate("arith", 400, seed=9, split="train")
+    rng = random.Random(0)
+    openings = Counter(
+        world.demonstrator_solution(p, PromptFormat.PLAIN, rng)[0].text.split(": ", 1)[1].split()[0] for p in problems
+    )
+    for word in ("Find", "Work", "Use"):  # three of the four wordings open with a fixed word
+        assert openings[word] > 0.15 * len(problems), openings
+    assert sum(openings[w] for w in ("Add", "Subtract", "Double", "Triple", "Halve", "Take")) > 0.15 * len(problems)
+
+    def independent(p: world.ToyProblem) -> bool:  # a total/difference of people on two branches
+        facts = {f["new"]: f for f in p.spec["facts"]}
+        q = p.spec["query"]
+        x, y = world._ancestors(q["x"], facts), world._ancestors(q.get("y", q["x"]), facts)
+        return q["kind"] != "single" and bool(x) and bool(y) and not set(x) & set(y)
+
+    branched = next(p for p in problems if independent(p) and not world.inverted_comparisons(p))
+    orders = {_computed_order(world.demonstrator_solution(branched, PromptFormat.PLAIN, rng)) for _ in range(60)}
+    reference = _computed_order(world.reference_solution(branched, PromptFormat.PLAIN))
+    assert reference in orders and len(orders) > 1, orders
+    for order in orders:  # every order computes someone only after the person they are compared with
+        facts = {f["new"]: f for f in branched.spec["facts"]}
+        for i, name in enumerate(order):
+            known = facts[name]["known"] if name in facts else None
+            assert known is None or known == branched.spec["given"]["who"] or known in order[:i]
+    # the reference solution is one fixed wording: it never changes between calls
+    assert world.reference_solution(branched, PromptFormat.PLAIN) == world.reference_solution(
+        branched, PromptFormat.PLAIN
+    )
+
+
+def test_shared_grammar_families_are_a_minority_of_the_planner_corpus():
+    from cpl.toy.train_planner import SHARED_GRAMMAR_SHARE, corpus_problems
+
+    problems = corpus_problems(2000, seed=0)
+    shares = Counter(p.family for p in problems)
+    assert set(shares) == {"arith", *world.SHARED_GRAMMAR}  # never the controls, never another family
+    for family in world.SHARED_GRAMMAR:
+        assert shares[family] == round(2000 * SHARED_GRAMMAR_SHARE / len(world.SHARED_GRAMMAR))
+    assert shares["arith"] > 0.8 * len(problems)
+    assert all(world.split_of(p.question) == "train" for p in problems)
+    assert world.CONTROLS == ("units", "sequence") and set(world.SHARED_GRAMMAR) <= set(world.OUT_OF_DOMAIN)
 
 
 # ------------------------------------------------------------------------------------ shipped model

@@ -92,7 +92,7 @@ def evaluate_planner(
         "accuracy": sum(s["correct"] for s in samples) / n,
         "boxed": sum(s["predicted"] is not None for s in samples) / n,
     }
-    if family == "arith":
+    if family in world.ARITH_GRAMMAR:
         for trap in (False, True):
             group = [s for s in samples if s["trap"] is trap]
             key = "accuracy_with_trap" if trap else "accuracy_without_trap"

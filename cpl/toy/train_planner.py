@@ -2,7 +2,8 @@
 
     python -m cpl.toy.train_planner --out cpl/assets/planner --minutes 40 --seed 0
 
-The corpus is regenerated deterministically from ``--seed``: in-domain (``arith``) training-split problems,
+The corpus is regenerated deterministically from ``--seed``: training-split problems (``arith`` and a minority of
+the shared-grammar families, `SHARED_GRAMMAR_SHARE`),
 each with one solution of the noisy demonstrator (`cpl.toy.world.demonstrator_solution`, so imperfect plans
 are in it), rendered as ``render_prompt(question, [], fmt, few_shot=False) + render_response(steps, fmt)`` and
 the end-of-sequence token, half in the plain and half in the XML format; the loss is on the response tokens
@@ -66,9 +67,25 @@ class PlannerTrainingConfig:
 # ----------------------------------------------------------------------------------------------- corpus
 
 
+SHARED_GRAMMAR_SHARE = 0.15
+"""Share of the corpus from the out-of-domain families that share the in-domain grammar (`world.SHARED_GRAMMAR`,
+split evenly): enough for the planner to read their surface, a minority so that they stay out of domain."""
+
+
+def corpus_problems(n: int, seed: int) -> list[world.ToyProblem]:
+    """The corpus's problems: training-split ``arith`` and a `SHARED_GRAMMAR_SHARE` of the shared-grammar
+    families, interleaved (seeded)."""
+    per_family = round(n * SHARED_GRAMMAR_SHARE / len(world.SHARED_GRAMMAR))
+    problems = world.generate("arith", n - per_family * len(world.SHARED_GRAMMAR), seed=seed, split="train")
+    for family in world.SHARED_GRAMMAR:
+        problems += world.generate(family, per_family, seed=seed, split="train")
+    random.Random(f"cpl.toy.corpus-order:{seed}").shuffle(problems)
+    return problems
+
+
 def corpus_examples(n: int, seed: int) -> Iterator[tuple[str, str]]:
     """``(prompt, response)`` pairs of the training corpus, deterministic under ``seed``."""
-    problems = world.generate("arith", n, seed=seed, split="train")
+    problems = corpus_problems(n, seed)
     rng = random.Random(f"cpl.toy.corpus:{seed}")
     for i, problem in enumerate(problems):
         fmt = PromptFormat.PLAIN if i % 2 == 0 else PromptFormat.XML
@@ -77,8 +94,8 @@ def corpus_examples(n: int, seed: int) -> Iterator[tuple[str, str]]:
 
 
 def tokenizer_corpus(seed: int) -> list[str]:
-    """Text the BPE is trained on: in-domain examples and the few-shot headers (not the out-of-domain
-    families, so that editing those never changes the shipped model's tokenizer)."""
+    """Text the BPE is trained on: corpus examples and the few-shot headers (not the other out-of-domain families,
+    so that editing those never changes the shipped model's tokenizer)."""
     texts = [p + r for p, r in corpus_examples(3000, seed + 1)]
     return texts + [few_shot_header(fmt) for fmt in PromptFormat]
 

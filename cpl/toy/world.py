@@ -15,7 +15,14 @@ In-domain (the planner is trained on it):
   misreads such a sentence more often than not, so the base model tends to pick the wrong plan step there,
   and a search that samples plans has a better step to find.
 
-Out-of-domain (never trained on; another surface and another structure):
+Out-of-domain, sharing the in-domain grammar and trap on another surface (a minority of the planner's
+pre-training, never CPL's training problems):
+
+* ``heights`` — the same chains about heights ("Ben's tree is 3 feet taller than Ann's", "half as tall as").
+* ``money`` — the same chains about earnings ("Ben earns 3 dollars less than Ann", "twice as much as").
+
+Out-of-domain (never trained on; another surface and another structure; ``units`` and ``sequence`` are the
+negative controls, `CONTROLS`):
 
 * ``units`` — convert big units to small ones (yards -> feet, weeks -> days, ...), then add and take away.
 * ``ages`` — ages stated by "older / younger than" (inversions too), then a logic step: how much older the
@@ -44,7 +51,14 @@ from typing import Any
 from cpl.formats import PromptFormat, Step, StepKind, plan_text, solution_text
 
 IN_DOMAIN: tuple[str, ...] = ("arith",)
-OUT_OF_DOMAIN: tuple[str, ...] = ("units", "ages", "sequence")
+SHARED_GRAMMAR: tuple[str, ...] = ("heights", "money")
+"""Out-of-domain families with the in-domain plan grammar and trap on another surface: a minority of the planner's
+pre-training, never in CPL's training problems, so what CPL teaches about the critical step can transfer."""
+CONTROLS: tuple[str, ...] = ("units", "sequence")
+"""Out-of-domain negative controls: operations the planner never saw, which arithmetic-plan training cannot move."""
+OUT_OF_DOMAIN: tuple[str, ...] = (*SHARED_GRAMMAR, "ages", *CONTROLS)
+ARITH_GRAMMAR: tuple[str, ...] = (*IN_DOMAIN, *SHARED_GRAMMAR)
+"""Families written in the comparison-chain grammar (`demonstrator_solution` writes all of them)."""
 FAMILIES: tuple[str, ...] = IN_DOMAIN + OUT_OF_DOMAIN
 FLAW_KINDS: tuple[str, ...] = ("plan", "slip")
 SPLITS: tuple[str, ...] = ("train", "test")
@@ -160,12 +174,21 @@ class _Calc:
         return r
 
 
-# ------------------------------------------------------------------------------ arith (in-domain family)
+# --------------------------------------------------- the comparison-chain grammar (arith, heights, money)
 #
-# spec: item, people (sentence order), given {who, value}, facts [{new, known, op, k, inverse}] in sentence
-# order, needed (names on the query's dependency chain, in order), query {kind, x, y}.
+# spec: surface, item (and unit for heights), people (sentence order), given {who, value}, facts
+# [{new, known, op, k, inverse}] in sentence order, needed (names the query depends on, in sentence order), query
+# {kind, x, y}.
 #   op is the *true* operation that computes `new` from `known`: add/sub k, mul/div by k (2 or 3).
 #   inverse: the sentence is written from the known person's side ("Ann has 3 more apples than Ben", Ann known).
+# A person may be compared with anyone stated before, so the chain is a tree: the two people of a total or a
+# difference can sit on independent branches, which a plan may compute in either order.
+#
+# Three surfaces share this grammar: `arith` (counts of items, the in-domain family), `heights` (taller/shorter)
+# and `money` (earns more/less). Plan steps and solution lines have several wordings (`PLAN_WORDINGS`,
+# `LINE_WORDINGS`): the reference solution always writes the first, the demonstrator picks one at random for
+# each step, so a planner trained on its corpus has real choices of wording besides the choice that matters
+# (the reading of an inverted comparison).
 
 _WORD_OF = {"add": "more", "sub": "fewer", "mul": "times", "div": "part"}
 _INVERSE_WORD_OF = {"add": "fewer", "sub": "more", "mul": "part", "div": "times"}
@@ -173,55 +196,185 @@ _NAIVE_OP = {"more": "add", "fewer": "sub", "times": "mul", "part": "div"}
 _TIMES_WORD = {2: "twice", 3: "three times"}
 _PART_WORD = {2: "half", 3: "a third"}
 
+_HEIGHT_ITEMS = {"tree": ("trees", "feet"), "plant": ("plants", "inches"), "tower": ("towers", "blocks")}
+_MONEY_ITEMS = ("dollars", "euros", "pounds")
+
+
+@dataclass(frozen=True)
+class _Surface:
+    """How one family of the comparison-chain grammar says things (``{item}``, ``{items}``, ``{unit}`` filled from
+    the spec)."""
+
+    given: str  # {s} {v}
+    more: str  # {s} {k} {o}; also "fewer", "times", "part" below ({t}: twice, half, ...)
+    fewer: str
+    times: str
+    noun: str  # a person's quantity in a plan step: {n}
+    single: str  # questions: {x} {y}
+    total: str
+    diff: str
+    goal_total: str
+    goal_diff: str
+    line: str  # solution lines: {n} {m}; {x} {y} {m}
+    line_total: str
+    line_diff: str
+
+
+_SURFACES: dict[str, _Surface] = {
+    "arith": _Surface(
+        given="{s} has {v} {item}.",
+        more="{s} has {k} more {item} than {o}.",
+        fewer="{s} has {k} fewer {item} than {o}.",
+        times="{s} has {t} as many {item} as {o}.",
+        noun="{n}'s {item}",
+        single="How many {item} does {x} have?",
+        total="How many {item} do {x} and {y} have together?",
+        diff="How many more {item} does {x} have than {y}?",
+        goal_total="how many they have together",
+        goal_diff="how many more {x} has",
+        line="{n} has {m} {item}.",
+        line_total="Together {x} and {y} have {m} {item}.",
+        line_diff="{x} has {m} more {item} than {y}.",
+    ),
+    "heights": _Surface(
+        given="{s}'s {item} is {v} {unit} tall.",
+        more="{s}'s {item} is {k} {unit} taller than {o}'s.",
+        fewer="{s}'s {item} is {k} {unit} shorter than {o}'s.",
+        times="{s}'s {item} is {t} as tall as {o}'s.",
+        noun="the height of {n}'s {item}",
+        single="How tall is {x}'s {item}?",
+        total="How tall are {x}'s and {y}'s {items} together?",
+        diff="How much taller is {x}'s {item} than {y}'s?",
+        goal_total="their height together",
+        goal_diff="how much taller {x}'s {item} is",
+        line="{n}'s {item} is {m} {unit} tall.",
+        line_total="Together {x}'s and {y}'s {items} are {m} {unit} tall.",
+        line_diff="{x}'s {item} is {m} {unit} taller than {y}'s.",
+    ),
+    "money": _Surface(
+        given="{s} earns {v} {item}.",
+        more="{s} earns {k} {item} more than {o}.",
+        fewer="{s} earns {k} {item} less than {o}.",
+        times="{s} earns {t} as much as {o}.",
+        noun="{n}'s earnings",
+        single="How many {item} does {x} earn?",
+        total="How many {item} do {x} and {y} earn together?",
+        diff="How many more {item} does {x} earn than {y}?",
+        goal_total="how much they earn together",
+        goal_diff="how much more {x} earns",
+        line="{n} earns {m} {item}.",
+        line_total="Together {x} and {y} earn {m} {item}.",
+        line_diff="{x} earns {m} more {item} than {y}.",
+    ),
+}
+
+# How a plan step says "compute new from known": (how, as a gerund phrase on K), (imperative on K), (imperative
+# on "it"), keyed by (op, k) with k 0 for add/sub.
+_HOW: dict[tuple[str, int], tuple[str, str, str]] = {
+    ("add", 0): ("adding the difference to {K}", "Add the difference to {K}", "add the difference"),
+    ("sub", 0): ("subtracting the difference from {K}", "Subtract the difference from {K}", "subtract the difference"),
+    ("mul", 2): ("doubling {K}", "Double {K}", "double it"),
+    ("mul", 3): ("tripling {K}", "Triple {K}", "triple it"),
+    ("div", 2): ("halving {K}", "Halve {K}", "halve it"),
+    ("div", 3): ("taking a third of {K}", "Take a third of {K}", "take a third of it"),
+}
+_PLAN_TEMPLATES = (
+    "Find {N} by {how}.",
+    "{imperative} to get {N}.",
+    "Work out {N} by {how}.",
+    "Use {K} to find {N}: {short}.",
+)
+_COMBINE_TEMPLATES = {
+    "add": ("Add {X} and {Y} to find {goal}.", "Find {goal} by adding {X} and {Y}.", "Put {X} and {Y} together."),
+    "sub": (
+        "Subtract {Y} from {X} to find {goal}.",
+        "Find {goal} by subtracting {Y} from {X}.",
+        "Take {Y} away from {X}.",
+    ),
+}
+_LINE_PREFIXES = ("", "So ", "Then ")
+PLAN_WORDINGS = len(_PLAN_TEMPLATES)
+"""Wordings of a plan step that computes one person from another (the demonstrator uses each equally often)."""
+LINE_WORDINGS = len(_LINE_PREFIXES)
+
+
+def _surface(spec: Mapping[str, Any]) -> _Surface:
+    return _SURFACES[spec.get("surface", "arith")]
+
+
+def _fill(template: str, spec: Mapping[str, Any], **names: Any) -> str:
+    item = spec["item"]
+    extra = {"items": _HEIGHT_ITEMS[item][0], "unit": _HEIGHT_ITEMS[item][1]} if item in _HEIGHT_ITEMS else {}
+    return template.format(item=item, **extra, **names)
+
 
 def _fact_word(fact: Mapping[str, Any]) -> str:
     return _INVERSE_WORD_OF[fact["op"]] if fact["inverse"] else _WORD_OF[fact["op"]]
 
 
-def _arith_sentence(fact: Mapping[str, Any], item: str) -> str:
+def _arith_sentence(fact: Mapping[str, Any], spec: Mapping[str, Any]) -> str:
+    surface = _surface(spec)
     subject, obj = (fact["known"], fact["new"]) if fact["inverse"] else (fact["new"], fact["known"])
     word, k = _fact_word(fact), fact["k"]
-    if word == "more":
-        return f"{subject} has {k} more {item} than {obj}."
-    if word == "fewer":
-        return f"{subject} has {k} fewer {item} than {obj}."
-    if word == "times":
-        return f"{subject} has {_TIMES_WORD[k]} as many {item} as {obj}."
-    return f"{subject} has {_PART_WORD[k]} as many {item} as {obj}."
+    if word in ("more", "fewer"):
+        return _fill(getattr(surface, word), spec, s=subject, k=k, o=obj)
+    t = _TIMES_WORD[k] if word == "times" else _PART_WORD[k]
+    return _fill(surface.times, spec, s=subject, t=t, o=obj)
 
 
 def _arith_question(spec: Mapping[str, Any]) -> str:
-    item = spec["item"]
+    surface = _surface(spec)
     given = spec["given"]
-    sentences = [f"{given['who']} has {given['value']} {item}."]
-    sentences += [_arith_sentence(f, item) for f in spec["facts"]]
+    sentences = [_fill(surface.given, spec, s=given["who"], v=given["value"])]
+    sentences += [_arith_sentence(f, spec) for f in spec["facts"]]
     q = spec["query"]
-    if q["kind"] == "single":
-        sentences.append(f"How many {item} does {q['x']} have?")
-    elif q["kind"] == "total":
-        sentences.append(f"How many {item} do {q['x']} and {q['y']} have together?")
-    else:
-        sentences.append(f"How many more {item} does {q['x']} have than {q['y']}?")
+    sentences.append(_fill(getattr(surface, q["kind"]), spec, x=q["x"], y=q.get("y")))
     return " ".join(sentences)
 
 
-def _arith_plan(new: str, known: str, op: str, k: int, item: str) -> str:
-    how = {
-        ("add", 0): f"adding the difference to {known}'s {item}",
-        ("sub", 0): f"subtracting the difference from {known}'s {item}",
-        ("mul", 2): f"doubling {known}'s {item}",
-        ("mul", 3): f"tripling {known}'s {item}",
-        ("div", 2): f"halving {known}'s {item}",
-        ("div", 3): f"taking a third of {known}'s {item}",
-    }[(op, k if op in ("mul", "div") else 0)]
-    return f"Find {new}'s {item} by {how}."
+def _arith_plan(spec: Mapping[str, Any], new: str, known: str, op: str, k: int, wording: int) -> str:
+    noun = _surface(spec).noun
+    big_n, big_k = _fill(noun, spec, n=new), _fill(noun, spec, n=known)
+    how, imperative, short = (t.format(K=big_k) for t in _HOW[(op, k if op in ("mul", "div") else 0)])
+    return _PLAN_TEMPLATES[wording].format(N=big_n, K=big_k, how=how, imperative=imperative, short=short)
+
+
+def _arith_goal(spec: Mapping[str, Any]) -> str:
+    q, surface = spec["query"], _surface(spec)
+    return _fill(surface.goal_total if q["kind"] == "total" else surface.goal_diff, spec, x=q["x"])
+
+
+class _Style:
+    """The demonstrator's free choices that do not change the answer: each step's wording and the order of
+    independent steps. Without a seed: the first wording and sentence order (the reference solution)."""
+
+    def __init__(self, seed: int | None):
+        self.rng = random.Random(seed) if seed is not None else None
+
+    def wording(self, n: int) -> int:
+        return self.rng.randrange(n) if self.rng else 0
+
+    def order(self, names: list[str], facts: Mapping[str, Mapping[str, Any]]) -> list[str]:
+        """A topological order of ``names`` (each after the person it is computed from): sentence order, or a
+        random one."""
+        if self.rng is None:
+            return names
+        todo, out = list(names), []
+        while todo:
+            ready = [n for n in todo if facts[n]["known"] not in todo]
+            pick = self.rng.choice(ready)
+            todo.remove(pick)
+            out.append(pick)
+        return out
 
 
 def _arith_solve(spec: Mapping[str, Any], choice: Mapping[str, Any], limit: int = MAX_VALUE) -> _Trace:
     """One solution path. ``choice`` keys: ``misread`` (names whose inverted sentence is read naively),
     ``flip`` (a name, or ``"query"``, whose operation is flipped), ``swap`` (a distractor used in place of the
-    query's second person), ``detour`` (a distractor computed although unneeded), ``slip`` (line, delta)."""
-    item = spec["item"]
+    query's second person), ``detour`` (a distractor computed although unneeded), ``slip`` (line, delta),
+    ``style`` (a seed for the wordings and the order of independent steps; none: the reference's)."""
+    surface = _surface(spec)
+    style = _Style(choice.get("style"))
     facts = {f["new"]: f for f in spec["facts"]}
     misread, flip = set(choice.get("misread", ())), choice.get("flip")
     swap, detour = choice.get("swap"), choice.get("detour")
@@ -238,43 +391,38 @@ def _arith_solve(spec: Mapping[str, Any], choice: Mapping[str, Any], limit: int 
             chain.append(p)
             p = facts[p]["known"]
         order = sorted(set(order) | set(chain), key=spec["people"].index)
+    order = style.order(order, facts)
 
     calc = _Calc(choice, limit)
     values = {spec["given"]["who"]: spec["given"]["value"]}
     for name in order:
-        if name in values:
-            continue
         f = facts[name]
         op = _NAIVE_OP[_fact_word(f)] if name in misread else f["op"]
         if flip == name:
             op = _FLIP[op]
-        plan = _arith_plan(name, f["known"], op, f["k"], item)
-        values[name] = calc.step(plan, op, values[f["known"]], f["k"], lambda m, r, n=name: f"{n} has {m} {item}.")
+        plan = _arith_plan(spec, name, f["known"], op, f["k"], style.wording(PLAN_WORDINGS))
+        prefix = _LINE_PREFIXES[style.wording(LINE_WORDINGS)]
+
+        def line(m: str, r: int, n: str = name, prefix: str = prefix) -> str:
+            return prefix + _fill(surface.line, spec, n=n, m=m)
+
+        values[name] = calc.step(plan, op, values[f["known"]], f["k"], line)
     if q["kind"] == "single":
         calc.trace.value = values[x]
         return calc.trace
     op = "add" if q["kind"] == "total" else "sub"
     if flip == "query":
         op = _FLIP[op]
-    if op == "add":
-        plan = f"Add {x}'s and {y}'s {item} to find {_arith_goal(q)}."
-    else:
-        plan = f"Subtract {y}'s {item} from {x}'s {item} to find {_arith_goal(q)}."
-    if q["kind"] == "total":
+    nouns = {"X": _fill(surface.noun, spec, n=x), "Y": _fill(surface.noun, spec, n=y)}
+    plan = _COMBINE_TEMPLATES[op][style.wording(len(_COMBINE_TEMPLATES[op]))].format(**nouns, goal=_arith_goal(spec))
+    template = surface.line_total if q["kind"] == "total" else surface.line_diff
+    prefix = _LINE_PREFIXES[style.wording(LINE_WORDINGS)]
 
-        def line(m: str, r: int) -> str:
-            return f"Together {x} and {y} have {m} {item}."
-    else:
+    def combine_line(m: str, r: int) -> str:
+        return prefix + _fill(template, spec, x=x, y=y, m=m)
 
-        def line(m: str, r: int) -> str:
-            return f"{x} has {m} more {item} than {y}."
-
-    calc.trace.value = calc.step(plan, op, values[x], values[y], line)
+    calc.trace.value = calc.step(plan, op, values[x], values[y], combine_line)
     return calc.trace
-
-
-def _arith_goal(q: Mapping[str, Any]) -> str:
-    return "how many they have together" if q["kind"] == "total" else f"how many more {q['x']} has"
 
 
 def _arith_expression(spec: Mapping[str, Any]) -> str:
@@ -295,6 +443,8 @@ def _arith_expression(spec: Mapping[str, Any]) -> str:
 _STEP_WEIGHTS = {2: 25, 3: 30, 4: 22, 5: 13, 6: 10}
 INVERSE_PROB = 0.35
 """Probability that a comparison sentence is written from the known person's side (the trap)."""
+BRANCH_PROB = 0.3
+"""Probability that a person is compared with an earlier person of the chain rather than the last one."""
 
 
 def _arith_random_fact(rng: random.Random, new: str, known: str, known_value: int) -> dict[str, Any] | None:
@@ -307,22 +457,36 @@ def _arith_random_fact(rng: random.Random, new: str, known: str, known_value: in
     return {"new": new, "known": known, "op": op, "k": k, "inverse": inverse}
 
 
-def _gen_arith(rng: random.Random) -> dict[str, Any] | None:
+def _ancestors(name: str, facts: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    out = []
+    while name in facts:
+        out.append(name)
+        name = facts[name]["known"]
+    return out
+
+
+def _gen_chain(rng: random.Random, surface: str) -> dict[str, Any] | None:
     steps = rng.choices(list(_STEP_WEIGHTS), weights=list(_STEP_WEIGHTS.values()))[0]
     kind = rng.choices(["single", "total", "diff"], weights=[40, 30, 30])[0]
     chain_len = steps if kind == "single" else steps - 1
     n_distractors = rng.choices([0, 1, 2], weights=[40, 40, 20])[0]
     people = rng.sample(NAMES, 1 + chain_len + n_distractors)
-    item = rng.choice(ITEMS)
+    if surface == "heights":
+        item = rng.choice(list(_HEIGHT_ITEMS))
+    elif surface == "money":
+        item = rng.choice(_MONEY_ITEMS)
+    else:
+        item = rng.choice(ITEMS)
     given = {"who": people[0], "value": rng.randint(1, 9)}
     values = {people[0]: given["value"]}
     chain = people[: 1 + chain_len]
     facts: list[dict[str, Any]] = []
-    for prev, new in itertools.pairwise(chain):
-        fact = _arith_random_fact(rng, new, prev, values[prev])
+    for i, new in enumerate(chain[1:], start=1):
+        known = chain[i - 1] if i == 1 or rng.random() >= BRANCH_PROB else rng.choice(chain[: i - 1])
+        fact = _arith_random_fact(rng, new, known, values[known])
         if fact is None:
             return None
-        values[new] = _apply(fact["op"], values[prev], fact["k"])  # type: ignore[assignment]
+        values[new] = _apply(fact["op"], values[known], fact["k"])  # type: ignore[assignment]
         facts.append(fact)
     for d in people[1 + chain_len :]:  # distractors hang off a random known person, placed after it
         anchor = rng.choice([p for p in people if p in values])
@@ -345,14 +509,26 @@ def _gen_arith(rng: random.Random) -> dict[str, Any] | None:
         elif values[x] + values[y] > MAX_VALUE:
             return None
         query = {"kind": kind, "x": x, "y": y}
-    return {
-        "item": item,
-        "people": order,
-        "given": given,
-        "facts": facts,
-        "needed": [p for p in order if p in chain[1:]],
-        "query": query,
-    }
+    by_new = {f["new"]: f for f in facts}
+    needed = set(_ancestors(query["x"], by_new)) | set(_ancestors(query.get("y", query["x"]), by_new))
+    if len(needed) + (kind != "single") < 2:  # a branch left the query one step away: not a plan
+        return None
+    spec = {"item": item, "people": order, "given": given, "facts": facts}
+    if surface != "arith":
+        spec = {"surface": surface, **spec}
+    return {**spec, "needed": [p for p in order if p in needed], "query": query}
+
+
+def _gen_arith(rng: random.Random) -> dict[str, Any] | None:
+    return _gen_chain(rng, "arith")
+
+
+def _gen_heights(rng: random.Random) -> dict[str, Any] | None:
+    return _gen_chain(rng, "heights")
+
+
+def _gen_money(rng: random.Random) -> dict[str, Any] | None:
+    return _gen_chain(rng, "money")
 
 
 def _arith_distractors(spec: Mapping[str, Any]) -> list[str]:
@@ -366,7 +542,7 @@ def _arith_inverted(spec: Mapping[str, Any]) -> list[str]:
 
 def inverted_comparisons(problem: ToyProblem) -> list[str]:
     """The people whose needed comparison is written from the known side (the critical plan steps)."""
-    if problem.family == "arith":
+    if problem.family in ARITH_GRAMMAR:
         return _arith_inverted(problem.spec)
     if problem.family == "ages":
         return [f["new"] for f in problem.spec["facts"] if f["inverse"]]
@@ -646,6 +822,8 @@ class _Family:
 
 _FAMILIES: dict[str, _Family] = {
     "arith": _Family(_gen_arith, _arith_question, _arith_solve, _arith_expression, _arith_plan_flaws),
+    "heights": _Family(_gen_heights, _arith_question, _arith_solve, _arith_expression, _arith_plan_flaws),
+    "money": _Family(_gen_money, _arith_question, _arith_solve, _arith_expression, _arith_plan_flaws),
     "units": _Family(_gen_units, _units_question, _units_solve, _units_expression, _units_plan_flaws),
     "ages": _Family(_gen_ages, _ages_question, _ages_solve, _ages_expression, _ages_plan_flaws),
     "sequence": _Family(_gen_sequence, _sequence_question, _sequence_solve, _sequence_expression, _sequence_plan_flaws),
@@ -676,7 +854,7 @@ def _valid(problem: ToyProblem) -> bool:
     ref = _try_solve(problem, {}, MAX_VALUE)
     if ref is None or ref.value != problem.answer:
         return False
-    if problem.family == "arith":  # every way of falling for the inverted comparisons is writable, and wrong
+    if problem.family in ARITH_GRAMMAR:  # every way of falling for the inverted comparisons is writable, and wrong
         inverted = _arith_inverted(problem.spec)
         for r in range(1, len(inverted) + 1):
             for misread in itertools.combinations(inverted, r):
@@ -777,16 +955,18 @@ def flawed_solution(
 
 
 def demonstrator_solution(problem: ToyProblem, fmt: PromptFormat, rng: random.Random) -> list[Step]:
-    """The noisy annotator that writes the training corpus (in-domain family only).
+    """The noisy annotator that writes the training corpus (the comparison-chain families, `ARITH_GRAMMAR`).
 
     It misreads each inverted comparison it needs with probability `TRAP_RATE` (the critical planning step),
     sometimes picks another wrong operation or the wrong person, sometimes slips in arithmetic, and sometimes
     computes an unneeded distractor first. A combination that would write a number out of range keeps only
-    the misreadings (the generator guarantees that every way of misreading is writable).
+    the misreadings (the generator guarantees that every way of misreading is writable). Each step's wording
+    and the order of independent steps are its free choice (uniform), so none of them is a habit to learn.
     """
-    if problem.family != "arith":
-        raise ValueError("the demonstrator writes in-domain (arith) solutions only")
+    if problem.family not in ARITH_GRAMMAR:
+        raise ValueError(f"the demonstrator writes comparison-chain solutions only ({', '.join(ARITH_GRAMMAR)})")
     spec = problem.spec
+    style = rng.getrandbits(32)
     choice: dict[str, Any] = {"misread": [p for p in _arith_inverted(spec) if rng.random() < TRAP_RATE]}
     if rng.random() < WRONG_OP_RATE:
         choice["flip"] = rng.choice([*spec["needed"], *(["query"] if spec["query"]["kind"] != "single" else [])])
@@ -795,12 +975,13 @@ def demonstrator_solution(problem: ToyProblem, fmt: PromptFormat, rng: random.Ra
         choice["swap"] = rng.choice(distractors)
     elif distractors and rng.random() < DETOUR_RATE:
         choice["detour"] = rng.choice(distractors)
-    trace = _try_solve(problem, choice) or _try_solve(problem, {"misread": choice["misread"]})
+    choice["style"] = style
+    trace = _try_solve(problem, choice) or _try_solve(problem, {"misread": choice["misread"], "style": style})
     if trace is not None and rng.random() < SLIP_RATE:
         slipped = _try_solve(problem, {**choice, "slip": (rng.randrange(len(trace.lines)), rng.choice([1, -1]))})
         trace = slipped or trace
     if trace is None:
-        trace = _try_solve(problem, {})
+        trace = _try_solve(problem, {"style": style})
         assert trace is not None
     return trace.steps(PromptFormat(fmt))
 
