@@ -186,10 +186,10 @@ DEMO_SEARCH_SEED = 5
 """The search seed (`SearchConfig.seed`) of both demos, `cpl demo` and `cpl up --demo` (`make demo`): seeded, they
 show the same trees on every run, and with this seed they yield plan and solution pairs (measured; see
 docs/decisions/005-search-seeds.md)."""
-DEMO_PICKS = (1, 3, 6)
-"""The demo's three held-out toy problems, picked from `DEMO_SAMPLE`: a trap question the planner reads both ways,
-one whose implementation it sometimes gets wrong, and a long one; under search they yield plan and solution pairs
-(measured with `cpl search --simulations 24` on the whole sample; docs/toy-world.md has the world)."""
+DEMO_PICKS = (1, 2, 4)
+"""The demo's three held-out toy problems, picked from `DEMO_SAMPLE`: two the planner both solves and fails under
+search, and a trap question it reads both ways; under search they yield plan and solution pairs (measured with
+`cpl search --simulations 24 --seed 5` on the whole sample; docs/toy-world.md has the world)."""
 
 
 def demo_problems() -> list[Any]:

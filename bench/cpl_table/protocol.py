@@ -49,14 +49,14 @@ class Sizes:
 
 
 PILOT = Sizes(
-    train_problems=48,
-    simulations=16,
+    train_problems=200,
+    simulations=24,
     dev_problems=100,
     eval_problems=300,
     ood_problems=60,
     rounds=1,
-    grid_lr=(2e-5, 5e-5),
-    grid_epochs=(2,),
+    grid_lr=(1e-4, 3e-4),
+    grid_epochs=(4,),
 )
 FULL = Sizes(
     train_problems=700,
@@ -65,7 +65,7 @@ FULL = Sizes(
     eval_problems=1000,
     ood_problems=300,
     rounds=2,
-    grid_lr=(1e-5, 2e-5, 5e-5),
+    grid_lr=(3e-5, 1e-4, 3e-4),
     grid_epochs=(2, 4),
 )
 

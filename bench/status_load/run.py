@@ -65,6 +65,38 @@ async def poller(
         await asyncio.sleep(interval)
 
 
+async def loop_lag(stop: float, out: list[float]) -> None:
+    """How late this process's event loop wakes from a 10 ms sleep: a poller's latency includes it, so a large lag
+    means the load generator itself stalled, not the API."""
+    while time.monotonic() < stop:
+        t = time.perf_counter()
+        await asyncio.sleep(0.01)
+        out.append(time.perf_counter() - t - 0.01)
+
+
+async def server_buckets(client: httpx.AsyncClient, endpoint: str) -> dict[float, float]:
+    """The API's own latency histogram for ``endpoint`` (cumulative counts per upper bound, from /metrics)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = (await client.get("/metrics")).text
+    buckets: dict[float, float] = {}
+    for family in text_string_to_metric_families(text):
+        if family.name.endswith("_request_latency_seconds"):
+            for sample in family.samples:
+                if sample.name.endswith("_bucket") and sample.labels.get("endpoint") == endpoint:
+                    buckets[float(sample.labels["le"])] = sample.value
+    return buckets
+
+
+def bucket_quantile(before: dict[float, float], after: dict[float, float], q: float) -> float | None:
+    """The upper bound of the histogram bucket holding quantile ``q`` of the requests between two scrapes."""
+    bounds = sorted(after)
+    counts = [after[b] - before.get(b, 0.0) for b in bounds]
+    if not counts or counts[-1] <= 0:
+        return None
+    return next(b for b, c in zip(bounds, counts, strict=True) if c >= q * counts[-1])
+
+
 async def window(args: argparse.Namespace, mode: str, url: str, key: str) -> dict:
     headers = {"Authorization": f"Bearer {key}"}
     limits = httpx.Limits(max_connections=args.pollers + 10, max_keepalive_connections=args.pollers + 10)
@@ -82,21 +114,26 @@ async def window(args: argparse.Namespace, mode: str, url: str, key: str) -> dic
                 await asyncio.sleep(0.5)
         await asyncio.sleep(args.warmup)
         out = {"lat": [], "at": [], "200": 0, "304": 0, "errors": 0, "error_kinds": []}
+        lags: list[float] = []
+        # Searches by id are not a fixed path: the API's metrics count them under "other".
+        buckets_before = await server_buckets(client, "other")
         before = await simulations_done(client, batch_id)
         window_start = time.perf_counter()
         t0 = time.monotonic()
         stop = t0 + args.seconds
         if mode != "none":
             await asyncio.gather(
+                loop_lag(stop, lags),
                 *(
                     poller(client, f"/v1/searches/{target}", mode == "etag", stop, args.interval, out)
                     for _ in range(args.pollers)
-                )
+                ),
             )
         else:
             await asyncio.sleep(args.seconds)
         elapsed = time.monotonic() - t0
         after = await simulations_done(client, batch_id)
+        buckets_after = await server_buckets(client, "other")
         await client.post(f"/v1/batches/{batch_id}/cancel")
         lat = sorted(out["lat"])
         result = {
@@ -113,6 +150,12 @@ async def window(args: argparse.Namespace, mode: str, url: str, key: str) -> dic
             slowest = sorted(zip(out["lat"], out["at"], strict=True), reverse=True)[:10]
             result["slowest_sent_at_s"] = [round(at - window_start, 2) for _, at in slowest]
             result["error_kinds"] = sorted(set(out["error_kinds"]))[:5]
+            lags.sort()
+            result["client_loop_lag_p99_ms"] = 1000 * lags[int(0.99 * (len(lags) - 1))]
+            result["client_loop_lag_max_ms"] = 1000 * lags[-1]
+            for q in (0.5, 0.99):
+                bound = bucket_quantile(buckets_before, buckets_after, q)
+                result[f"server_p{round(q * 100)}_ms_at_most"] = None if bound is None else 1000 * bound
         # Let the cancelled batch drain before the next window (at most a minute: a search that does not stop is
         # reported, not waited for).
         deadline = time.monotonic() + 60
