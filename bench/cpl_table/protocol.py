@@ -5,7 +5,7 @@ where it stopped and seeds can run on different machines (copy their directories
 
     seed<k>/round<r>/                 the round (cpl.round.Round: search, SFT, value; stages/*.json)
     seed<k>/round<r>/grid/<arm>/      one preference model per (loss, learning rate, epochs), and dev.json
-    seed<k>/round<r>/policy_apo_shuffled/   Step-APO on advantages shuffled across pairs (the control)
+    seed<k>/round<r>/apo_shuffled-<settings>/   Step-APO (its tuned settings) on shuffled advantages: the control
     seed<k>/evals/<model>.json        per problem: right or not, the final answer, the trap flag
 """
 
@@ -55,7 +55,7 @@ PILOT = Sizes(
     eval_problems=300,
     ood_problems=60,
     rounds=1,
-    grid_lr=(1e-4, 3e-4),
+    grid_lr=(1e-5, 3e-5, 1e-4),
     grid_epochs=(4,),
 )
 FULL = Sizes(
@@ -65,7 +65,7 @@ FULL = Sizes(
     eval_problems=1000,
     ood_problems=300,
     rounds=2,
-    grid_lr=(3e-5, 1e-4, 3e-4),
+    grid_lr=(1e-5, 3e-5, 1e-4),
     grid_epochs=(2, 4),
 )
 
@@ -145,8 +145,9 @@ def _columns(s: EvalSet, correct: list[bool], predicted: list[str | None]) -> di
 
 
 def cached_eval(path: Path, model: Path, sets: Sequence[EvalSet], run: Evaluator) -> dict[str, dict[str, list[Any]]]:
-    if path.is_file():
-        return json.loads(path.read_text())
+    """A model's evaluation, reused while it is of the same checkpoint (a changed grid may pick another one)."""
+    if path.is_file() and (cached := json.loads(path.read_text())).get("model") == str(model):
+        return {k: v for k, v in cached.items() if k != "model"}
     results = run(model, sets)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"model": str(model), **results}))
@@ -266,7 +267,7 @@ class SeedRun:
                 stage=stage, status="done", outputs={"model": str(models[stage]), "dev_accuracy": score}
             )
             r.finish(record)
-        control = run_dir / "policy_apo_shuffled"
+        control = run_dir / f"apo_shuffled-{best['step-apo'][1].removeprefix('step-apo-')}"  # Step-APO's settings
         if not (control / MANIFEST).is_file():
             print_stage(f"seed {self.seed} round {number} shuffled-advantage control", "training")
             shuffled = shuffle_advantages(pairs, run_dir / "shuffled_pairs", self.seed)
