@@ -22,9 +22,9 @@ SIMULATIONS = 24
 
 
 def cpl(*args: str, timeout: float = 1200) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "cpl.cli", *args], capture_output=True, text=True, timeout=timeout, cwd=REPO
-    )
+    # Decoded without universal newlines: a progress bar's redraws ("\r") stay redraws, not lines.
+    result = subprocess.run([sys.executable, "-m", "cpl.cli", *args], capture_output=True, timeout=timeout, cwd=REPO)
+    return subprocess.CompletedProcess(result.args, result.returncode, result.stdout.decode(), result.stderr.decode())
 
 
 def read_jsonl(path: Path) -> list[dict]:

@@ -120,7 +120,8 @@ def test_up_runs_the_demo_serves_submit_and_export_and_stops_clean_on_sigterm(tm
         assert "a private redis-server" in text
         after_setup = out.lines[next(i for i, line in enumerate(out.lines) if line.startswith("Dashboard:")) :]
         assert len(after_setup) < 60, text
-        assert "Table 1 (paper §4.1)" in text and "-> answer" in text
+        # Each tree's best path is printed; with 4 simulations a branching tree may not have reached a solution yet.
+        assert "Table 1 (paper §4.1)" in text and ("-> answer" in text or "-> no solution yet" in text)
         assert len(list((run_dir / "demo" / "trees").glob("*.json"))) == 2, "the demo's trees, for cpl.show"
         assert (run_dir / "demo" / "value.jsonl").is_file()
         batch_id = next(line.split()[1].rstrip(":") for line in out.lines if line.startswith("batch "))
