@@ -176,9 +176,9 @@ class _Calc:
 
 # --------------------------------------------------- the comparison-chain grammar (arith, heights, money)
 #
-# spec: surface, item (and unit for heights), people (sentence order), given {who, value}, facts
-# [{new, known, op, k, inverse}] in sentence order, needed (names the query depends on, in sentence order), query
-# {kind, x, y}.
+# spec: surface (absent for arith), item (a height's unit follows from its item), people (sentence order), given
+# {who, value}, facts [{new, known, op, k, inverse}] in sentence order, needed (names the query depends on, in
+# sentence order), query {kind, x, y}.
 #   op is the *true* operation that computes `new` from `known`: add/sub k, mul/div by k (2 or 3).
 #   inverse: the sentence is written from the known person's side ("Ann has 3 more apples than Ben", Ann known).
 # A person may be compared with anyone stated before, so the chain is a tree: the two people of a total or a
