@@ -258,13 +258,14 @@ class Round:
         outputs = {"counts": counts, "dir": str(self.data), "models": models.model_dump(mode="json"), "stats": stats}
         return StageRecord(stage="search", status="done", outputs=outputs)
 
-    def _rows(self, *names: str) -> list[Path]:
+    def dataset_files(self, *names: str) -> list[Path]:
+        """The search's non-empty exports among ``names`` (`cpl.pairs.DATASETS` names)."""
         return [p for n in names if (p := self.data / f"{n}.jsonl").is_file() and p.stat().st_size > 0]
 
     def stage_sft(self) -> StageRecord:
         from cpl.training.jobs import train_sft
 
-        files = self._rows("sft")
+        files = self.dataset_files("sft")
         if not files:
             return StageRecord(stage="sft", status="skipped", reason="no correct paths in the trees")
         config = self.settings.sft
@@ -275,7 +276,7 @@ class Round:
     def _preference(self, stage: str, loss: str) -> StageRecord:
         from cpl.training.jobs import train_preference
 
-        files = self._rows("plan_pairs", "solution_pairs")
+        files = self.dataset_files("plan_pairs", "solution_pairs")
         if not files:
             return StageRecord(stage=stage, status="skipped", reason="no preference pairs in the trees")
         start = self.checkpoint("sft", self.settings.base)  # the SFT model is both start and reference
@@ -293,7 +294,7 @@ class Round:
     def stage_value(self) -> StageRecord:
         from cpl.training.jobs import train_value
 
-        files = self._rows("value")
+        files = self.dataset_files("value")
         if not files:
             return StageRecord(stage="value", status="skipped", reason="no states with search values")
         # The value model that searched this round is trained further: a fresh head in round 1, the previous

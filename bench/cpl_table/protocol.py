@@ -110,28 +110,23 @@ def evaluator(device: str) -> Evaluator:
     transformers path (`cpl.toy.evaluate.generate_greedy`) on a GPU machine, which has no vLLM."""
 
     def run(model: Path, sets: Sequence[EvalSet]) -> dict[str, dict[str, list[Any]]]:
-        from cpl.evaluation import evaluate, offline_generator
-
-        results: dict[str, dict[str, list[Any]]] = {}
-        if device == "cpu":
-            with offline_generator(str(model), PromptFormat.PLAIN, dtype="float32") as generate:
-                for s in sets:
-                    report = evaluate(s.as_problems(), generate, fmt=PromptFormat.PLAIN, few_shot=False, max_tokens=256)
-                    results[s.name] = _columns(
-                        s, [i.correct for i in report.items], [i.predicted for i in report.items]
-                    )
-            return results
-        from cpl.formats import render_prompt
-        from cpl.grading import extract_answer, is_equivalent
+        from cpl.evaluation import Generate, evaluate, offline_generator
         from cpl.toy.evaluate import generate_greedy
 
-        for s in sets:
-            prompts = [render_prompt(p.question, [], PromptFormat.PLAIN, few_shot=False) for p in s.problems]
-            outputs = generate_greedy(model, prompts, PromptFormat.PLAIN, max_new_tokens=256, device=device)
-            predicted = [extract_answer(o) for o in outputs]
-            correct = [is_equivalent(a, str(p.answer)) for a, p in zip(predicted, s.problems, strict=True)]
-            results[s.name] = _columns(s, correct, predicted)
-        return results
+        def on_gpu(prompts: Sequence[str], max_tokens: int) -> list[str]:
+            return generate_greedy(model, prompts, PromptFormat.PLAIN, max_new_tokens=max_tokens, device=device)
+
+        def all_sets(generate: Generate) -> dict[str, dict[str, list[Any]]]:
+            results = {}
+            for s in sets:
+                report = evaluate(s.as_problems(), generate, fmt=PromptFormat.PLAIN, few_shot=False, max_tokens=256)
+                results[s.name] = _columns(s, [i.correct for i in report.items], [i.predicted for i in report.items])
+            return results
+
+        if device != "cpu":
+            return all_sets(on_gpu)
+        with offline_generator(str(model), PromptFormat.PLAIN, dtype="float32") as generate:
+            return all_sets(generate)
 
     return run
 
@@ -234,9 +229,7 @@ class SeedRun:
                 print_stage(f"seed {self.seed} round {number} {stage}", "running")
                 r.finish(getattr(r, f"stage_{stage}")())
         models = {"sft": r.checkpoint("sft", settings.base)}
-        pairs = [
-            p for n in ("plan_pairs", "solution_pairs") if (p := r.data / f"{n}.jsonl").is_file() and p.stat().st_size
-        ]
+        pairs = r.dataset_files("plan_pairs", "solution_pairs")
         if not pairs:
             return models
         dev_scores: dict[str, float] = {}

@@ -45,6 +45,7 @@ import json
 import random
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -519,18 +520,6 @@ def _gen_chain(rng: random.Random, surface: str) -> dict[str, Any] | None:
     return {**spec, "needed": [p for p in order if p in needed], "query": query}
 
 
-def _gen_arith(rng: random.Random) -> dict[str, Any] | None:
-    return _gen_chain(rng, "arith")
-
-
-def _gen_heights(rng: random.Random) -> dict[str, Any] | None:
-    return _gen_chain(rng, "heights")
-
-
-def _gen_money(rng: random.Random) -> dict[str, Any] | None:
-    return _gen_chain(rng, "money")
-
-
 def _arith_distractors(spec: Mapping[str, Any]) -> list[str]:
     needed = set(spec["needed"]) | {spec["given"]["who"]}
     return [p for p in spec["people"] if p not in needed]
@@ -821,9 +810,12 @@ class _Family:
 
 
 _FAMILIES: dict[str, _Family] = {
-    "arith": _Family(_gen_arith, _arith_question, _arith_solve, _arith_expression, _arith_plan_flaws),
-    "heights": _Family(_gen_heights, _arith_question, _arith_solve, _arith_expression, _arith_plan_flaws),
-    "money": _Family(_gen_money, _arith_question, _arith_solve, _arith_expression, _arith_plan_flaws),
+    **{
+        surface: _Family(
+            partial(_gen_chain, surface=surface), _arith_question, _arith_solve, _arith_expression, _arith_plan_flaws
+        )
+        for surface in ARITH_GRAMMAR
+    },
     "units": _Family(_gen_units, _units_question, _units_solve, _units_expression, _units_plan_flaws),
     "ages": _Family(_gen_ages, _ages_question, _ages_solve, _ages_expression, _ages_plan_flaws),
     "sequence": _Family(_gen_sequence, _sequence_question, _sequence_solve, _sequence_expression, _sequence_plan_flaws),
