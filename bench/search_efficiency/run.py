@@ -19,6 +19,7 @@ it). Sampling is random, so the replay's token counts differ a little from the s
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -28,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -96,6 +98,18 @@ def restart_worker(stack: Stack, concurrency: int) -> None:
     stack._wait_worker(worker.env)
 
 
+def cpu_seconds(stack: Stack) -> dict[str, float]:
+    """CPU seconds (user + system) used so far by each child's process tree, and by this process (the proxy)."""
+    used = {"bench (proxy)": sum(psutil.Process().cpu_times()[:2])}
+    for child in stack.children:
+        total = 0.0
+        for proc in child.tree():
+            with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+                total += sum(proc.cpu_times()[:2])
+        used[child.name] = total
+    return used
+
+
 def run_batches(args: argparse.Namespace, concurrencies: list[int]) -> dict[int, tuple[float, list, int]]:
     """One stack; for each concurrency a fresh worker and one batch: (stack seconds, recorded expands, sims)."""
     stack = RecordedStack(run_dir=args.run_dir, port=find_free_port())
@@ -107,13 +121,19 @@ def run_batches(args: argparse.Namespace, concurrencies: list[int]) -> dict[int,
             for c in concurrencies:
                 restart_worker(stack, c)
                 stack.proxy.expands.clear()
+                cpu0 = cpu_seconds(stack)
                 t0 = time.monotonic()
                 batch = client.submit_problems(demo_problems(args.problems), args.simulations)
                 batch = client.follow(batch["id"], interval_s=0.5, show_bar=False)
                 stack_s = time.monotonic() - t0
+                cpu1 = cpu_seconds(stack)
+                # Where the two cores went: a process tree's CPU seconds over the batch's wall seconds.
+                cores = {name: round((cpu1[name] - cpu0.get(name, 0.0)) / stack_s, 2) for name in cpu1}
                 sims = sum(s["progress"]["simulations_done"] for s in client.batch_searches(batch["id"]))
                 runs[c] = (stack_s, list(stack.proxy.expands), sims)
-                print(json.dumps({"concurrency": c, "stack_s": stack_s, "simulations": sims}), flush=True)
+                print(
+                    json.dumps({"concurrency": c, "stack_s": stack_s, "simulations": sims, "cores": cores}), flush=True
+                )
     finally:
         if stack.proxy is not None:
             stack.proxy.stop()

@@ -77,7 +77,8 @@ class SwapGate:
                     self.service, f"engine {self.reason or 'unavailable'}; retry later", self.retry_after_s
                 )
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._open.wait(), remaining)
+                async with asyncio.timeout(remaining):
+                    await self._open.wait()
         self._in_flight += 1
         self._idle.clear()
 
@@ -101,7 +102,8 @@ class SwapGate:
         self.close(reason)
         try:
             try:
-                await asyncio.wait_for(self._idle.wait(), drain_timeout_s)
+                async with asyncio.timeout(drain_timeout_s):
+                    await self._idle.wait()
             except TimeoutError as exc:
                 raise DrainTimeout(
                     f"{self._in_flight} requests still in flight after {drain_timeout_s:.0f}s; swap abandoned"

@@ -277,7 +277,8 @@ class VLLMGateway:
             try:
                 # Behind a long queue the probe may take a while; /ready must answer quickly, so a probe that is
                 # slow keeps the last verdict (a slow engine is not a broken one).
-                self._probe_problem = await asyncio.wait_for(self.run_probe(), PROBE_TIMEOUT_S)
+                async with asyncio.timeout(PROBE_TIMEOUT_S):
+                    self._probe_problem = await self.run_probe()
                 self._probed_at = time.monotonic()
             except TimeoutError:
                 log.warning("readiness probe slower than %.0fs; keeping the last verdict", PROBE_TIMEOUT_S)

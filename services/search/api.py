@@ -28,9 +28,11 @@ from cpl.config import SearchConfig
 from cpl.pairs import DATASETS, sft_examples
 from cpl.problems import ProblemFileError, load_problems
 from cpl.tree import Tree
+from services.common.aio import cancel_and_wait
 from services.common.app import create_service_app
 from services.common.auth import bearer_auth
 from services.common.errors import APIError
+from services.common.redis_client import redis_client
 from services.policy.client import PolicyClient
 from services.search.celery_app import TASK_RUN, create_celery
 from services.search.dashboard import dashboard_router
@@ -53,7 +55,6 @@ from services.search.schemas import (
 )
 from services.search.settings import SearchSettings
 from services.search.store import SearchStore, StoredSearch, search_etag
-from services.search.worker import redis_client
 from services.trainer.api import include_trainer_routes
 from services.value.client import ValueClient
 
@@ -90,7 +91,8 @@ class SearchAPI:
     async def ready(self) -> tuple[bool, str]:
         """Ready only when a search could run now: Redis answers and both inference services are ready."""
         try:
-            await asyncio.wait_for(self.redis.ping(), 3.0)
+            async with asyncio.timeout(3.0):
+                await self.redis.ping()
         except Exception as exc:  # any failure to reach Redis means not ready, whatever its class
             return False, f"redis at {self.settings.redis_url} unreachable: {exc!r}"
         policy_ok, value_ok = await asyncio.gather(self.policy.ready(), self.value.ready())
@@ -324,9 +326,7 @@ def create_search_app(settings: SearchSettings | None = None) -> FastAPI:
         try:
             yield
         finally:
-            refresher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await refresher
+            await cancel_and_wait(refresher)
             await api.close()
 
     app = create_service_app(

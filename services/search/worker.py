@@ -27,19 +27,16 @@ from collections.abc import Callable, Coroutine, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-import redis.asyncio as aioredis
 from celery import Celery
 from celery.exceptions import Reject
-from redis.backoff import ExponentialBackoff
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
-from redis.retry import Retry
 
 from cpl.config import SearchConfig
 from cpl.mcts import MCTS, SearchCancelled
 from cpl.protocols import ExpandRequest, ExpandResult, State, ValueResult
 from cpl.tree import Tree
+from services.common.aio import cancel_and_wait
 from services.common.client import ServiceError
+from services.common.redis_client import REDIS_ERRORS, redis_client
 from services.policy.client import PolicyClient
 from services.search.celery_app import TASK_RUN, create_celery
 from services.search.keys import Keys
@@ -50,27 +47,6 @@ from services.search.store import Claim, FencedOut, RedisTreeStore, SearchGone, 
 from services.value.client import ValueClient
 
 log = logging.getLogger(__name__)
-
-REDIS_ERRORS = (RedisConnectionError, RedisTimeoutError)
-
-
-REDIS_SOCKET_TIMEOUT_S = 30.0  # longer than any command of ours takes (the API's XREAD blocks 5 s at most)
-
-
-def redis_client(url: str, attempts: int = 20) -> aioredis.Redis:
-    """A Redis client that rides out a restart: commands are retried with backoff (20 attempts: ~30 s).
-
-    Every command has a read timeout: an answer lost with a half-open connection becomes a retried TimeoutError
-    instead of an await that never returns.
-    """
-    return aioredis.from_url(
-        url,
-        retry=Retry(ExponentialBackoff(cap=2.0, base=0.1), attempts),
-        retry_on_error=[RedisConnectionError, RedisTimeoutError],
-        health_check_interval=10,
-        socket_connect_timeout=5,
-        socket_timeout=REDIS_SOCKET_TIMEOUT_S,
-    )
 
 
 class InferenceStats:
@@ -204,9 +180,7 @@ async def _watched(search: Coroutine[Any, Any, Tree], progress_at: list[float], 
                 )
     finally:
         if not task.done():
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await cancel_and_wait(task)
 
 
 async def _heartbeat(store: SearchStore, search_id: str, token: str, lease_ms: int, lost: asyncio.Event) -> None:
@@ -389,9 +363,7 @@ async def _run_claimed(rt: WorkerRuntime, search_id: str, claim: Claim, token: s
         )
         return "failed"
     finally:
-        heartbeat.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await heartbeat
+        await cancel_and_wait(heartbeat)
         await flush_stats()
     await tree_store.mark_finished(tree)
     return "succeeded"

@@ -332,9 +332,9 @@ class RoundDriver:
     async def _export(self, round_number: int) -> dict[str, Any]:
         """The batch's datasets, the rows ``GET /v1/batches/{id}/exports/{name}`` streams, written for training."""
         from cpl.pairs import DATASETS
+        from services.common.redis_client import redis_client
         from services.search.keys import Keys
         from services.search.store import SearchStore
-        from services.search.worker import redis_client
 
         batch_id = self.record.entry(round_number, "search").outputs["batch_id"]
         client = redis_client(self.search_settings.redis_url, attempts=5)
