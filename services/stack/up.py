@@ -374,19 +374,25 @@ def _port_free_or_raise(host: str, port: int) -> None:
 
 
 @contextlib.contextmanager
-def stop_signals() -> Iterator[threading.Event]:
-    """SIGINT and SIGTERM set the event (the main thread then shuts the stack down)."""
-    stop = threading.Event()
+def stop_signals() -> Iterator[None]:
+    """The first SIGINT or SIGTERM raises KeyboardInterrupt in the main thread (which then shuts the stack down,
+    also out of a start-up wait); later ones are ignored, so a burst of signals (Ctrl-C pressed twice, a SIGTERM
+    on top) cannot interrupt the shutdown and leave children behind.
+
+    The handler takes no lock: a second signal landing inside a handler that holds one (``threading.Event.set``)
+    deadlocked ``cpl up``.
+    """
     previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
 
     def handler(signum: int, frame: object) -> None:
-        stop.set()
-        raise KeyboardInterrupt  # interrupts a start-up wait as well
+        for sig in previous:
+            signal.signal(sig, signal.SIG_IGN)
+        raise KeyboardInterrupt
 
     for sig in previous:
         signal.signal(sig, handler)
     try:
-        yield stop
+        yield
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
@@ -429,7 +435,7 @@ def run_up(
         except KeyboardInterrupt:
             pass
         finally:
-            # A second Ctrl-C during shutdown must not leave children behind.
+            # A signal during shutdown must not leave children behind (stop_signals).
             signal.signal(signal.SIGINT, signal.SIG_IGN)
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
             print("Stopping the stack…", flush=True)

@@ -188,3 +188,32 @@ def test_up_runs_the_demo_serves_submit_and_export_and_stops_clean_on_sigterm(tm
     assert not left, [" ".join(p.cmdline()) for p in left]
     assert not (run_dir / "stack.json").exists()
     assert list((run_dir / "redis").rglob("*.aof*")), "the private Redis keeps its data (AOF) under the run dir"
+
+
+@pytest.mark.timeout(300)
+def test_a_burst_of_signals_during_start_up_stops_everything(tmp_path: Path) -> None:
+    """Ctrl-C pressed twice with a SIGTERM on top, while the inference services start: cpl up stops, and nothing it
+    started lives on (its signal handler once took a lock, and a second signal inside it deadlocked cpl up)."""
+    env = {**os.environ, "CPL_REDIS_URL": _dead_redis_url(), "PYTHONUNBUFFERED": "1"}
+    argv = [*CPL, "up", "--port", str(find_free_port()), "--run-dir", str(tmp_path / "up")]
+    proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    out = Output(proc.stdout)
+    family: list[psutil.Process] = []
+    try:
+        out.wait_for("Starting the policy and value services", proc, 120)
+        time.sleep(3)  # the vLLM children are starting
+        family = psutil.Process(proc.pid).children(recursive=True)
+        assert any("services.policy.main" in " ".join(p.cmdline()) for p in family)
+        for sig in [signal.SIGINT, signal.SIGTERM, signal.SIGINT] * 20:
+            proc.send_signal(sig)
+        assert proc.wait(timeout=120) is not None
+        assert "Stopped." in out.lines[-1], out.lines[-20:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+        time.sleep(1)
+        left = [p for p in family if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+        for p in left:
+            p.kill()
+    assert not left, [" ".join(p.cmdline()) for p in left]
