@@ -14,6 +14,8 @@ the exact prompts and sampling settings the service sent to its vLLM server
 efficiency = replay time / stack time. 1.0 would mean the stack adds nothing to pure generation (value calls,
 tree bookkeeping, Redis, HTTP, and the batches vLLM gets being smaller than one offline batch all count against
 it). Sampling is random, so the replay's token counts differ a little from the stack's: both are reported.
+``cores`` says where the machine went during the batch: each stack process's CPU seconds per wall second, by
+service and process (a vLLM server is a gateway, an API server, an engine core and a compute worker).
 """
 
 from __future__ import annotations
@@ -99,21 +101,26 @@ def restart_worker(stack: Stack, concurrency: int) -> None:
 
 
 def cpu_seconds(stack: Stack) -> dict[str, float]:
-    """CPU seconds (user + system) used so far by each child's process tree, and by this process (the proxy)."""
+    """CPU seconds (user + system) used so far by each process of the stack, by child and process name (a vLLM
+    server is a gateway, an API server, an engine core and a compute worker), and by this process (the proxy)."""
     used = {"bench (proxy)": sum(psutil.Process().cpu_times()[:2])}
     for child in stack.children:
-        total = 0.0
         for proc in child.tree():
             with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
-                total += sum(proc.cpu_times()[:2])
-        used[child.name] = total
+                name = proc.name()
+                if name.startswith("python"):
+                    cmd = " ".join(proc.cmdline())
+                    name = "vllm api server" if "vllm.entrypoints" in cmd else "python"
+                key = f"{child.name}: {name}"
+                used[key] = used.get(key, 0.0) + sum(proc.cpu_times()[:2])
     return used
 
 
-def run_batches(args: argparse.Namespace, concurrencies: list[int]) -> dict[int, tuple[float, list, int]]:
-    """One stack; for each concurrency a fresh worker and one batch: (stack seconds, recorded expands, sims)."""
+def run_batches(args: argparse.Namespace, concurrencies: list[int]) -> dict[int, tuple[float, list, int, dict]]:
+    """One stack; for each concurrency a fresh worker and one batch: (stack seconds, recorded expands, sims, cores
+    used by each process)."""
     stack = RecordedStack(run_dir=args.run_dir, port=find_free_port())
-    runs: dict[int, tuple[float, list, int]] = {}
+    runs: dict[int, tuple[float, list, int, dict]] = {}
     try:
         stack.start()
         assert stack.proxy is not None
@@ -127,10 +134,10 @@ def run_batches(args: argparse.Namespace, concurrencies: list[int]) -> dict[int,
                 batch = client.follow(batch["id"], interval_s=0.5, show_bar=False)
                 stack_s = time.monotonic() - t0
                 cpu1 = cpu_seconds(stack)
-                # Where the two cores went: a process tree's CPU seconds over the batch's wall seconds.
+                # Where the cores went: each process's CPU seconds over the batch's wall seconds.
                 cores = {name: round((cpu1[name] - cpu0.get(name, 0.0)) / stack_s, 2) for name in cpu1}
                 sims = sum(s["progress"]["simulations_done"] for s in client.batch_searches(batch["id"]))
-                runs[c] = (stack_s, list(stack.proxy.expands), sims)
+                runs[c] = (stack_s, list(stack.proxy.expands), sims, cores)
                 print(
                     json.dumps({"concurrency": c, "stack_s": stack_s, "simulations": sims, "cores": cores}), flush=True
                 )
@@ -195,7 +202,7 @@ def main() -> None:
         # Problems differ between rounds only through sampling; the stack is fresh each round.
         runs = run_batches(args, concurrencies)
         llm = open_llm()
-        for c, (stack_s, expands, sims) in runs.items():
+        for c, (stack_s, expands, sims, cores) in runs.items():
             replay_s, prompts, tokens = replay(llm, expands)
             res = {
                 "round": r,
@@ -208,6 +215,7 @@ def main() -> None:
                 "replay_tokens": tokens,
                 "efficiency": replay_s / stack_s,
                 "load1": os.getloadavg()[0],
+                "cores": cores,
             }
             results.append(res)
             print(json.dumps(res), flush=True)
