@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterable
-from typing import Any
 
 import redis.asyncio as aioredis
 from redis.backoff import ExponentialBackoff
@@ -45,7 +44,7 @@ class CancellableConnection(aioredis.Connection):
             self.socket_timeout = timeout
 
 
-def redis_client(url: str, attempts: int = 20, **options: Any) -> aioredis.Redis:
+def redis_client(url: str, attempts: int = 20) -> aioredis.Redis:
     """A Redis client that rides out a restart: commands are retried with backoff (20 attempts: ~30 s).
 
     Every command has a read and write timeout: an answer lost with a half-open connection becomes a retried
@@ -55,9 +54,8 @@ def redis_client(url: str, attempts: int = 20, **options: Any) -> aioredis.Redis
         url,
         connection_class=CancellableConnection,
         retry=Retry(ExponentialBackoff(cap=2.0, base=0.1), attempts),
-        retry_on_error=[RedisConnectionError, RedisTimeoutError],
+        retry_on_error=list(REDIS_ERRORS),
         health_check_interval=10,
         socket_connect_timeout=5,
         socket_timeout=REDIS_SOCKET_TIMEOUT_S,
-        **options,
     )

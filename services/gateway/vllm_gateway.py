@@ -29,7 +29,6 @@ more and the gateway kills the group and exits with code 1, for the orchestrator
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import signal
@@ -42,6 +41,7 @@ from typing import Any
 import aiohttp
 import httpx
 
+from services.common.aio import cancel_and_wait
 from services.common.errors import APIError
 from services.gateway.checkpoints import (
     CheckpointError,
@@ -162,14 +162,9 @@ class VLLMGateway:
         )
 
     async def stop(self) -> None:
-        if self._watchdog is not None and not self._watchdog.done():
-            self._watchdog.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._watchdog
-        if self._start_task is not None and not self._start_task.done():
-            self._start_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._start_task
+        for task in (self._watchdog, self._start_task):
+            if task is not None and not task.done():
+                await cancel_and_wait(task)
         if self.upstream is not None:
             await self.upstream.close()
         if self._dev is not None:
