@@ -62,6 +62,15 @@ class GatewaySettings(ServerSettings, AdminTokenSettings):
     max_num_seqs: int | None = Field(default=None, ge=1, description="--max-num-seqs (vLLM default if unset)")
     enforce_eager: bool = Field(default=False, description="--enforce-eager (skip torch.compile / CUDA graphs)")
     vllm_extra_args: list[str] = Field(default_factory=list, description="more vLLM flags, as a JSON list")
+    vllm_busy_loop_s: float | None = Field(
+        default=None,
+        ge=0,
+        description=(
+            "how long vLLM's engine core and model worker spin on a core while waiting for each other before they "
+            "sleep (unset: vLLM's 1 s); 0 frees the core between steps at the cost of a wake-up per step "
+            "(services/gateway/vllm_plugin.py)"
+        ),
+    )
     vllm_startup_timeout_s: float = Field(default=900.0, gt=0, description="how long vLLM may take to start")
     vllm_max_restarts: int = Field(
         default=3,

@@ -34,6 +34,7 @@ import aiohttp
 import httpx
 
 from services.common.ports import find_free_port
+from services.gateway import vllm_plugin
 from services.gateway.settings import GatewaySettings
 
 log = logging.getLogger(__name__)
@@ -175,6 +176,8 @@ class VLLMServer:
         env["VLLM_SERVER_DEV_MODE"] = "1"
         env.setdefault("VLLM_LOGGING_PREFIX", "")
         env.setdefault("PYTHONUNBUFFERED", "1")
+        if self.settings.vllm_busy_loop_s is not None:
+            env[vllm_plugin.ENV] = str(self.settings.vllm_busy_loop_s)
         cmd = self.command(model)
         if self.uds is not None:
             self.uds.parent.mkdir(mode=0o700, exist_ok=True)  # in case a /tmp cleaner removed it

@@ -187,7 +187,8 @@ def value_service(svc_checkpoints: Checkpoints, tmp_path_factory: pytest.TempPat
     service = _start(
         "services.value.main",
         "CPL_VALUE_",
-        {"CPL_VALUE_MODEL": str(svc_checkpoints.a[1])},
+        # As cpl up runs it (services/stack/up.py): no spinning between engine steps.
+        {"CPL_VALUE_MODEL": str(svc_checkpoints.a[1]), "CPL_VALUE_VLLM_BUSY_LOOP_S": "0"},
         logs / "value.log",
         svc_checkpoints.root,
     )

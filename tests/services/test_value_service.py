@@ -56,6 +56,15 @@ def test_values_equal_the_transformers_forward_pass(value_service):
     _assert_values_of(value_service, Path(info["checkpoint"]), info["version"])
 
 
+def test_the_busy_loop_setting_reaches_the_engine_core_and_the_worker(value_service):
+    """VLLM_BUSY_LOOP_S=0 (the fixture's, as under cpl up) is applied by the plugin in the vLLM processes that wait
+    for each other; the values above were computed with it."""
+    lines = [line for line in value_service.log_path.read_text(errors="replace").splitlines() if "spin for at most" in line]
+    assert any("EngineCore" in line for line in lines), lines
+    assert any("Worker" in line for line in lines), lines
+    assert all("at most 0.0 s" in line for line in lines), lines
+
+
 def test_value_health_ready_metrics(value_service):
     url = value_service.url
     assert httpx.get(f"{url}/health").status_code == 200
