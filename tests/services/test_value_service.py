@@ -59,7 +59,8 @@ def test_values_equal_the_transformers_forward_pass(value_service):
 def test_the_busy_loop_setting_reaches_the_engine_core_and_the_worker(value_service):
     """VLLM_BUSY_LOOP_S=0 (the fixture's, as under cpl up) is applied by the plugin in the vLLM processes that wait
     for each other; the values above were computed with it."""
-    lines = [line for line in value_service.log_path.read_text(errors="replace").splitlines() if "spin for at most" in line]
+    log = value_service.log_path.read_text(errors="replace")
+    lines = [line for line in log.splitlines() if "spin for at most" in line]
     assert any("EngineCore" in line for line in lines), lines
     assert any("Worker" in line for line in lines), lines
     assert all("at most 0.0 s" in line for line in lines), lines
