@@ -31,7 +31,7 @@ browser:
 # thread for the rest of a session, which breaks every later test that calls asyncio.run.
 test: setup browser
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest -q --ignore=tests/search/test_dashboard_browser.py --ignore=tests/trainer/test_dashboard_browser.py
+	$(PY) -m pytest -q --durations=15 --ignore=tests/search/test_dashboard_browser.py --ignore=tests/trainer/test_dashboard_browser.py
 	$(PY) -m pytest -q tests/search/test_dashboard_browser.py tests/trainer/test_dashboard_browser.py
 
 lint: setup

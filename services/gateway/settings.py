@@ -65,6 +65,7 @@ class GatewaySettings(ServerSettings, AdminTokenSettings):
     vllm_busy_loop_s: float | None = Field(
         default=None,
         ge=0,
+        allow_inf_nan=False,
         description=(
             "how long vLLM's engine core and model worker spin on a core while waiting for each other before they "
             "sleep (unset: vLLM's 1 s); 0 frees the core between steps at the cost of a wake-up per step "

@@ -10,13 +10,14 @@ that nobody needed. On a CPU host the spinners take their fair share of the core
 ``CPL_VLLM_BUSY_LOOP_S`` (seconds, >= 0) sets that window in every vLLM process that loads the plugin (vLLM loads
 general plugins in the API server, the engine core and each worker). When it is unset, vLLM's default stands.
 The gateway sets it for its vLLM child from ``VLLM_BUSY_LOOP_S`` (docs/services.md); the reasons and the
-figures are in docs/decisions/008-value-engine-does-not-spin.md.
+figures are in docs/decisions/007-value-engine-does-not-spin.md.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import math
 import os
 from typing import Any
 
@@ -35,9 +36,9 @@ def busy_loop_from_env() -> float | None:
     try:
         seconds = float(raw)
     except ValueError:
-        raise ValueError(f"{ENV} must be a number of seconds, got {raw!r}") from None
-    if not seconds >= 0:  # also rejects NaN
-        raise ValueError(f"{ENV} must be >= 0 seconds, got {raw!r}")
+        seconds = math.nan
+    if not (math.isfinite(seconds) and seconds >= 0):
+        raise ValueError(f"{ENV} must be a number of seconds >= 0, got {raw!r}")
     return seconds
 
 

@@ -211,7 +211,7 @@ class Stack:
             env.setdefault(prefix + key, value)
         if name == "value":
             # The value engine answers single-step requests; its spinning between steps took a core's share from
-            # the policy's engine (docs/decisions/008-value-engine-does-not-spin.md).
+            # the policy's engine (docs/decisions/007-value-engine-does-not-spin.md).
             env.setdefault(prefix + "VLLM_BUSY_LOOP_S", "0")
         if "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
             env["VLLM_CPU_OMP_THREADS_BIND"] = engine_cores(name, os.cpu_count() or 1)

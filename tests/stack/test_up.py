@@ -131,6 +131,13 @@ def test_up_runs_the_demo_serves_submit_and_export_and_stops_clean_on_sigterm(tm
         for part in ("redis-server", "services.policy.main", "services.value.main", "serve search", "worker"):
             assert part in names, names
         assert "worker --queues search,train" in names, names  # --trainer: the train queue is consumed too
+        # The value engine sleeps between steps; the policy keeps vLLM's spin (docs/decisions/007-...).
+        busy_loop = {}
+        for p in family:
+            cmd = " ".join(p.cmdline())
+            if "vllm.entrypoints" in cmd:
+                busy_loop["value" if "planner/value" in cmd else "policy"] = p.environ().get("CPL_VLLM_BUSY_LOOP_S")
+        assert busy_loop == {"value": "0.0", "policy": None}, busy_loop
         assert "Operator key (trainings, deployments, rounds): " in text
 
         # cpl submit and cpl export find the stack through its stack.json; the key never goes on a command line.
