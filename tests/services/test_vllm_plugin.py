@@ -29,6 +29,7 @@ def _probe(value: str | None) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.vllm
 @pytest.mark.parametrize(("value", "expected"), [(None, "1"), ("0.002", "0.002")])
 def test_the_plugin_sets_the_readers_busy_loop(value, expected):
     result = _probe(value)
@@ -36,6 +37,7 @@ def test_the_plugin_sets_the_readers_busy_loop(value, expected):
     assert f"busy_loop_s {expected}\n" in result.stdout
 
 
+@pytest.mark.vllm
 def test_a_bad_value_stops_vllm_with_a_message():
     result = _probe("-1")
     assert result.returncode != 0
