@@ -163,8 +163,8 @@ class VLLMGateway:
 
     async def stop(self) -> None:
         for task in (self._watchdog, self._start_task):
-            if task is not None and not task.done():
-                await cancel_and_wait(task)
+            if task is not None:
+                await cancel_and_wait(task)  # a task that has already ended only has its outcome collected
         if self.upstream is not None:
             await self.upstream.close()
         if self._dev is not None:
