@@ -131,7 +131,8 @@ def test_up_runs_the_demo_serves_submit_and_export_and_stops_clean_on_sigterm(tm
         for part in ("redis-server", "services.policy.main", "services.value.main", "serve search", "worker"):
             assert part in names, names
         assert "worker --queues search,train" in names, names  # --trainer: the train queue is consumed too
-        # The value engine sleeps between steps; the policy keeps vLLM's spin (docs/decisions/007-...).
+        # The value engine sleeps between steps; the policy keeps vLLM's spin
+        # (docs/decisions/007-value-engine-does-not-spin.md).
         busy_loop = {}
         for p in family:
             cmd = " ".join(p.cmdline())
