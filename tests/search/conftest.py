@@ -1,4 +1,5 @@
-"""The search service's test stack, started once per session: the policy and value services on the embedded
+"""The search service's test stack, started once for this package (and stopped when its last test is done, so
+that nothing it still runs takes CPU from the packages after it): the policy and value services on the embedded
 planner (real vLLM), the search API and one Celery worker as subprocesses, all on free ports, and the shared
 Redis at 127.0.0.1:6379 under a key prefix of this session alone (its keys are unlinked at the end; nothing
 else in that Redis is touched)."""
@@ -132,8 +133,10 @@ def _gateway(name: str, logs: Path) -> Proc:
 
 
 def _warm_up(policy_url: str, value_url: str) -> None:
-    """One expansion and one value first: vLLM's first requests on a cold engine are slow."""
+    """One expansion and one value first: vLLM's first requests on a cold engine are slow. In a thread of its
+    own: in the browser tests sync Playwright's event loop may already run in this one."""
     import asyncio
+    from concurrent.futures import ThreadPoolExecutor
 
     from cpl.protocols import ExpandRequest, State
     from services.policy.client import PolicyClient
@@ -145,7 +148,8 @@ def _warm_up(policy_url: str, value_url: str) -> None:
             await policy.expand([ExpandRequest(state=state, n=3, max_tokens=64, few_shot=False)])
             await value.evaluate([state])
 
-    asyncio.run(run())
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pool.submit(asyncio.run, run()).result()
 
 
 @dataclass
@@ -222,7 +226,7 @@ def unlink_prefix(client: redis.Redis, prefix: str) -> None:
         client.unlink(*batch)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def search_prefix() -> Iterator[str]:
     prefix = f"cpltest:{uuid.uuid4().hex[:10]}"
     yield prefix
@@ -233,7 +237,7 @@ def search_prefix() -> Iterator[str]:
         client.close()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def inference(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Proc, Proc]]:
     """Policy and value services on the embedded planner, started together (their vLLM engines load at once)."""
     logs = tmp_path_factory.mktemp("inference_logs")
@@ -250,7 +254,7 @@ def inference(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Proc, 
         value.stop()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def stack(search_prefix: str, inference, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """The search API and one worker (``cpl serve search``, ``cpl worker``) on top of the inference services."""
     policy, value = inference

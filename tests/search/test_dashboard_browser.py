@@ -29,12 +29,6 @@ def browser_type_launch_args(browser_type_launch_args: dict) -> dict:
     }
 
 
-@pytest.fixture(scope="session", autouse=True)
-def _stack_before_the_browser(stack: Stack) -> Stack:
-    """The stack first: its set-up runs asyncio (a warm-up), which cannot run once sync Playwright's loop does."""
-    return stack
-
-
 @pytest.fixture()
 def dash(stack: Stack, page: Page) -> Page:
     """A page of the dashboard with the key already typed in."""

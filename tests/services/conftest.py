@@ -1,5 +1,5 @@
 """Fixtures of the service tests: tiny checkpoints under one checkpoint root, and one policy and one value
-gateway (each with its vLLM child) started once per session, as subprocesses, on free ports."""
+gateway (each with its vLLM child) started once for this package, as subprocesses, on free ports."""
 
 from __future__ import annotations
 
@@ -84,7 +84,7 @@ class RunningService:
         )
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def svc_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> Checkpoints:
     """Checkpoints A (seed 0) and B (seed 1: same shapes and tokenizer, other weights) under one root."""
     from cpl.models.tiny import build_tiny_models, default_corpus
@@ -154,7 +154,7 @@ async def _greedy(url: str) -> list[list[tuple[str, str, tuple[int, ...]]]]:
     return [greedy_signature(r) for r in results]
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def policy_service(svc_checkpoints: Checkpoints, tmp_path_factory: pytest.TempPathFactory):
     """The policy gateway, started fresh on checkpoint B, then hot-swapped to A.
 
@@ -180,7 +180,7 @@ def policy_service(svc_checkpoints: Checkpoints, tmp_path_factory: pytest.TempPa
         _stop(service.proc)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def value_service(svc_checkpoints: Checkpoints, tmp_path_factory: pytest.TempPathFactory):
     """The value gateway, started on checkpoint A."""
     logs = tmp_path_factory.mktemp("value_logs")

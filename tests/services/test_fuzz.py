@@ -41,12 +41,12 @@ CHECKS = [
 ]
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def policy_schema(policy_service):
     return schemathesis.openapi.from_url(f"{policy_service.url}/openapi.json")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def value_schema(value_service):
     return schemathesis.openapi.from_url(f"{value_service.url}/openapi.json")
 
