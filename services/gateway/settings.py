@@ -64,12 +64,12 @@ class GatewaySettings(ServerSettings, AdminTokenSettings):
     vllm_extra_args: list[str] = Field(default_factory=list, description="more vLLM flags, as a JSON list")
     vllm_busy_loop_s: float | None = Field(
         default=None,
-        ge=0,
+        gt=0,
         allow_inf_nan=False,
         description=(
             "how long vLLM's engine core and model worker spin on a core while waiting for each other before they "
-            "sleep (unset: vLLM's 1 s); 0 frees the core between steps at the cost of a wake-up per step "
-            "(services/gateway/vllm_plugin.py)"
+            "sleep (unset: vLLM's 1 s); a few ms frees the core between requests (not 0: a lost wake-up then "
+            "stalls a step for up to 5 s; services/gateway/vllm_plugin.py)"
         ),
     )
     vllm_startup_timeout_s: float = Field(default=900.0, gt=0, description="how long vLLM may take to start")

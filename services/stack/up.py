@@ -36,6 +36,9 @@ from services.gateway.vllm_process import _die_with_parent
 REPO_ASSETS = Path(__file__).resolve().parents[2] / "cpl" / "assets" / "planner"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 STATE_FILE = "stack.json"
+# How long the value engine's processes spin between steps (vLLM's default: 1 s; 0 stalls on a lost wake-up):
+# docs/decisions/007-value-engine-does-not-spin.md.
+VALUE_BUSY_LOOP_S = "0.02"
 
 
 class StackError(Exception):
@@ -212,7 +215,7 @@ class Stack:
         if name == "value":
             # The value engine answers single-step requests; its spinning between steps took a core's share from
             # the policy's engine (docs/decisions/007-value-engine-does-not-spin.md).
-            env.setdefault(prefix + "VLLM_BUSY_LOOP_S", "0")
+            env.setdefault(prefix + "VLLM_BUSY_LOOP_S", VALUE_BUSY_LOOP_S)
         if "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
             env["VLLM_CPU_OMP_THREADS_BIND"] = engine_cores(name, os.cpu_count() or 1)
         argv = [sys.executable, "-m", f"services.{name}.main"]

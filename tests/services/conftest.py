@@ -18,6 +18,7 @@ import pytest
 from cpl.formats import PromptFormat, StepKind
 from cpl.protocols import ExpandRequest, ExpandResult, State
 from services.common.ports import find_free_port
+from services.stack.up import VALUE_BUSY_LOOP_S
 
 ADMIN_TOKEN = "test-admin-token"
 REPO = Path(__file__).resolve().parents[2]
@@ -188,7 +189,7 @@ def value_service(svc_checkpoints: Checkpoints, tmp_path_factory: pytest.TempPat
         "services.value.main",
         "CPL_VALUE_",
         # As cpl up runs it (services/stack/up.py): no spinning between engine steps.
-        {"CPL_VALUE_MODEL": str(svc_checkpoints.a[1]), "CPL_VALUE_VLLM_BUSY_LOOP_S": "0"},
+        {"CPL_VALUE_MODEL": str(svc_checkpoints.a[1]), "CPL_VALUE_VLLM_BUSY_LOOP_S": VALUE_BUSY_LOOP_S},
         logs / "value.log",
         svc_checkpoints.root,
     )

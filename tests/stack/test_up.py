@@ -18,6 +18,7 @@ import psutil
 import pytest
 
 from services.common.ports import find_free_port
+from services.stack.up import VALUE_BUSY_LOOP_S
 
 REPO = Path(__file__).resolve().parents[2]
 API_KEY = "up-test-key"
@@ -138,7 +139,7 @@ def test_up_runs_the_demo_serves_submit_and_export_and_stops_clean_on_sigterm(tm
             cmd = " ".join(p.cmdline())
             if "vllm.entrypoints" in cmd:
                 busy_loop["value" if "planner/value" in cmd else "policy"] = p.environ().get("CPL_VLLM_BUSY_LOOP_S")
-        assert busy_loop == {"value": "0.0", "policy": None}, busy_loop
+        assert busy_loop == {"value": str(float(VALUE_BUSY_LOOP_S)), "policy": None}, busy_loop
         assert "Operator key (trainings, deployments, rounds): " in text
 
         # cpl submit and cpl export find the stack through its stack.json; the key never goes on a command line.
