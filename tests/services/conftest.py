@@ -188,7 +188,7 @@ def value_service(svc_checkpoints: Checkpoints, tmp_path_factory: pytest.TempPat
     service = _start(
         "services.value.main",
         "CPL_VALUE_",
-        # As cpl up runs it (services/stack/up.py): no spinning between engine steps.
+        # As cpl up runs it (services/stack/up.py): 20 ms of spinning between engine steps, not vLLM's 1 s.
         {"CPL_VALUE_MODEL": str(svc_checkpoints.a[1]), "CPL_VALUE_VLLM_BUSY_LOOP_S": VALUE_BUSY_LOOP_S},
         logs / "value.log",
         svc_checkpoints.root,
