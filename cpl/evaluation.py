@@ -73,7 +73,7 @@ def offline_generator(
     """Greedy generation on an in-process vLLM engine, shut down on exit (vLLM starts processes with spawn)."""
     from vllm import LLM, SamplingParams
 
-    from cpl.engines.vllm_offline import llm_kwargs, shutdown_llm
+    from cpl.engines.vllm_offline import environ_kept, llm_kwargs, shutdown_llm
 
     kwargs = llm_kwargs(
         max_model_len=max_model_len,
@@ -84,7 +84,8 @@ def offline_generator(
         kv_cache_memory_bytes=None,
         extra=None,
     )
-    llm = LLM(model=model_dir, **kwargs)
+    with environ_kept():
+        llm = LLM(model=model_dir, **kwargs)
 
     def generate(prompts: Sequence[str], max_tokens: int) -> list[str]:
         params = SamplingParams(temperature=0.0, max_tokens=max_tokens, stop=response_stop(fmt))

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+
+# This process's environment before any test ran: an engine started in-process must leave it as it was
+# (cpl.engines.vllm_offline.environ_kept).
+ENVIRON_AT_START = dict(os.environ)
 
 # Stop markers of both formats get a logit bias in the test policy, so that sampled steps from a random-weight
 # model actually end on a marker often (unbiased, a 943-token vocabulary almost never hits one). vLLM's raw
@@ -20,9 +25,9 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return build_tiny_models(tmp_path_factory.mktemp("tiny_models"), seed=0)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def vllm_engines(tiny_models: tuple[Path, Path]):
-    """(VLLMPolicy, VLLMValue) on the tiny models, both in this process, float32, started once."""
+    """(VLLMPolicy, VLLMValue) on the tiny models, both in this process, float32, started once per module."""
     from cpl.engines import VLLMPolicy, VLLMValue
     from cpl.engines.vllm_offline import stop_marker_bias
 

@@ -445,14 +445,17 @@ def test_model_card_reports_accuracy_and_command():
 def test_shipped_model_serves_in_vllm():
     from vllm import LLM, SamplingParams
 
-    llm = LLM(
-        model=str(POLICY),
-        max_model_len=1024,
-        dtype="float32",
-        enforce_eager=True,
-        kv_cache_memory_bytes=64 << 20,
-        seed=0,
-    )
+    from cpl.engines.vllm_offline import environ_kept
+
+    with environ_kept():  # vLLM's settings for its children stay out of later tests' services
+        llm = LLM(
+            model=str(POLICY),
+            max_model_len=1024,
+            dtype="float32",
+            enforce_eager=True,
+            kv_cache_memory_bytes=64 << 20,
+            seed=0,
+        )
     try:
         problem = world.generate("arith", 1, seed=99, split="test")[0]
         prompt = render_prompt(problem.question, [], PromptFormat.PLAIN, few_shot=False)

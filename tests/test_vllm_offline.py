@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import os
 import threading
 import time
 
@@ -12,6 +13,7 @@ import pytest
 from cpl.engines import MicroBatcher, PromptTooLongError
 from cpl.formats import END_SOLUTION, MARKERS, PromptFormat, StepKind, stop_strings
 from cpl.protocols import ExpandRequest, PolicyModel, State, ValueModel
+from tests.conftest import ENVIRON_AT_START
 
 # --- micro-batcher (no vLLM) ------------------------------------------------------------------------------
 
@@ -141,6 +143,13 @@ def test_engines_satisfy_protocols(vllm_engines):
 
 
 @pytest.mark.vllm
+def test_starting_the_engines_leaves_this_process_environment_as_it_was(vllm_engines):
+    """An engine's start writes settings for its children (LD_PRELOAD, LOCAL_WORLD_SIZE, ...) into os.environ;
+    processes started later would inherit them. (What importing vLLM sets, such as KMP_INIT_AT_FORK, stays.)"""
+    keys = ("LD_PRELOAD", "LOCAL_WORLD_SIZE", "VLLM_WORKER_MULTIPROC_METHOD")
+    assert {k: os.environ.get(k) for k in keys} == {k: ENVIRON_AT_START.get(k) for k in keys}
+
+
 def test_prompt_tokens_match_transformers(vllm_engines, tiny_models):
     from transformers import AutoTokenizer
 

@@ -226,6 +226,20 @@ def engine_output_to(path: str | None) -> Iterator[None]:
         os.close(saved)
 
 
+@contextlib.contextmanager
+def environ_kept() -> Iterator[None]:
+    """Put this process's environment back once an engine has started. vLLM writes settings for its children
+    into ``os.environ`` (``LD_PRELOAD`` of libgomp, ``LOCAL_WORLD_SIZE``, ...); left there, every
+    process started later inherits them (measured: three vLLM services started after an in-process engine ran
+    6-15x slower and dropped connections). The engine's own processes exist by the time it has started."""
+    saved = dict(os.environ)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
 class _InProcessLLM:
     """What the policy and the value model share: the LLM object, its tokenizer, batching and shutdown."""
 
@@ -239,7 +253,7 @@ class _InProcessLLM:
 
         self.model_dir = Path(model_dir)
         self.model_version = model_version or self.model_dir.name
-        with engine_output_to(os.environ.get(ENGINE_LOG_ENV)):
+        with engine_output_to(os.environ.get(ENGINE_LOG_ENV)), environ_kept():
             self._llm = LLM(model=str(self.model_dir), **llm_kwargs)
         self.max_model_len = self._llm.llm_engine.model_config.max_model_len
 
